@@ -1,0 +1,132 @@
+"""Configuration for SmolVLM-QFormer: a frozen vision encoder, a DistilBERT Q-Former and a small causal LM.
+
+The defaults reproduce the reference design: ViT-Base/16 at 224 px (197 tokens x 768), a
+distilbert-base-uncased Q-Former with 32 queries and cross-attention every second layer, and
+SmolLM2-135M-Instruct (hidden 576, 30 layers, 9 heads / 3 KV heads, vocabulary 49152, tied embeddings).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import CONFIG_MAPPING, DistilBertConfig, PretrainedConfig
+
+QFORMER_LOSSES = ("itc", "itm", "itg")
+
+# SmolLM2-135M-Instruct's shapes and special tokens (HuggingFaceTB/SmolLM2-135M-Instruct config.json).
+SMOLLM2_135M = {
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "hidden_act": "silu",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+}
+
+
+class SmolVLMQFormerQFormerConfig(DistilBertConfig):
+    """A `DistilBertConfig` plus what turns DistilBERT into a Q-Former.
+
+    Args:
+        num_query_tokens: learnable query embeddings; they become the image tokens the LM sees.
+        cross_attention_frequency: every n-th layer (0-based index divisible by n) cross-attends to the image.
+        encoder_hidden_size: width of the vision encoder's output (the keys/values of cross-attention).
+        embed_dim: size of the image-text contrastive (ITC) embedding space.
+        losses: which stage-1 losses to compute, any subset of ("itc", "itm", "itg").
+        loss_weights: one weight per loss in `losses`.
+        temperature: initial ITC temperature (learnable, clamped to [0.001, 0.5]).
+    """
+
+    model_type = "smolvlm_qformer_qformer"
+    base_config_key = "qformer_config"
+
+    def __init__(
+        self,
+        num_query_tokens: int = 32,
+        cross_attention_frequency: int = 2,
+        encoder_hidden_size: int = 768,
+        embed_dim: int = 256,
+        losses: list[str] | tuple[str, ...] = ("itc",),
+        loss_weights: list[float] | tuple[float, ...] | None = None,
+        temperature: float = 0.07,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        unknown = set(losses) - set(QFORMER_LOSSES)
+        if unknown or not losses:
+            raise ValueError(f"losses must be a non-empty subset of {QFORMER_LOSSES}, got {list(losses)}")
+        loss_weights = [1.0] * len(losses) if loss_weights is None else list(loss_weights)
+        if len(loss_weights) != len(losses):
+            raise ValueError(f"got {len(loss_weights)} loss_weights for {len(losses)} losses")
+        self.num_query_tokens = num_query_tokens
+        self.cross_attention_frequency = cross_attention_frequency
+        self.encoder_hidden_size = encoder_hidden_size
+        self.embed_dim = embed_dim
+        self.losses = list(losses)
+        self.loss_weights = loss_weights
+        self.temperature = temperature
+
+
+def _sub_config(config: PretrainedConfig | dict | None, defaults: dict) -> PretrainedConfig:
+    """Builds any registered transformers config from a dict (or passes a config object through)."""
+    if isinstance(config, PretrainedConfig):
+        return config
+    config = {**defaults, **(config or {})}
+    return CONFIG_MAPPING[config.pop("model_type")](**config)
+
+
+class SmolVLMQFormerConfig(PretrainedConfig):
+    """Configuration of the whole model.
+
+    Args:
+        vision_config: any transformers vision encoder config (ViT, DINOv2, SigLIP/CLIP vision); default ViT-B/16.
+        qformer_config: a `SmolVLMQFormerQFormerConfig`; default distilbert-base-uncased shapes.
+        text_config: the causal LM's config; default SmolLM2-135M.
+        image_token_id: id of the placeholder token the processor repeats `num_query_tokens` times. The default is
+            the LM's vocabulary size: the token lives only in the tokenizer, so the LM's embeddings keep their shape.
+        adapter_hidden_size: hidden width of the 2-layer GELU MLP from the Q-Former to the LM.
+        default_prompt_ids: token ids of the prompt `generate` uses when given an image and no text (captioning),
+            written by the processor; `None` means the image placeholders alone.
+    """
+
+    model_type = "smolvlm_qformer"
+    sub_configs = {
+        "vision_config": PretrainedConfig,
+        "qformer_config": SmolVLMQFormerQFormerConfig,
+        "text_config": PretrainedConfig,
+    }
+
+    def __init__(
+        self,
+        vision_config: PretrainedConfig | dict | None = None,
+        qformer_config: SmolVLMQFormerQFormerConfig | dict | None = None,
+        text_config: PretrainedConfig | dict | None = None,
+        image_token_id: int | None = None,
+        adapter_hidden_size: int | None = None,
+        default_prompt_ids: list[int] | None = None,
+        **kwargs: Any,
+    ):
+        self.vision_config = _sub_config(vision_config, {"model_type": "vit"})
+        self.text_config = _sub_config(text_config, SMOLLM2_135M)
+        if not isinstance(qformer_config, SmolVLMQFormerQFormerConfig):
+            qformer_config = SmolVLMQFormerQFormerConfig(**(qformer_config or {}))
+        qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        self.qformer_config = qformer_config
+        self.image_token_id = self.text_config.vocab_size if image_token_id is None else image_token_id
+        self.adapter_hidden_size = adapter_hidden_size or self.text_config.hidden_size
+        self.default_prompt_ids = default_prompt_ids
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.qformer_config.num_query_tokens

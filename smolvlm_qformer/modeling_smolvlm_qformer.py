@@ -1,0 +1,703 @@
+"""SmolVLM-QFormer: a frozen vision encoder, a DistilBERT Q-Former and a small causal LM, BLIP-2 style.
+
+Reading order: attention masks and attention -> Q-Former layer -> `QFormerModel` (a DistilBERT with 32 learnable
+queries and cross-attention to the image) -> stage-1 losses -> the shared pretrained base -> the stage-1
+retrieval model (ITC / ITM / ITG) -> the stage-2 generation model (Q-Former queries -> MLP adapter -> LM).
+
+Shapes: B batch, Q queries, T text tokens, N image tokens, D Q-Former width, E contrastive width, H LM width.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.activations import get_activation
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.distilbert.modeling_distilbert import (
+    DistilBertPreTrainedModel,
+    Embeddings,
+    TransformerBlock,
+)
+from transformers.utils import ModelOutput
+
+from .configuration_smolvlm_qformer import SmolVLMQFormerConfig, SmolVLMQFormerQFormerConfig
+
+try:  # transformers 5: these skip weights that were loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # transformers 4
+    from torch.nn import init
+
+AttentionMode = Literal["unimodal", "bidirectional", "multimodal_causal"]
+
+# LoRA targets: the LM's attention projections only (a bare ["q_proj", "v_proj"] also hits the vision encoder).
+LORA_TARGET_MODULES = r"(.*\.)?language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------------
+
+
+def qformer_attention_mask(
+    num_queries: int, text_mask: torch.Tensor | None, mode: AttentionMode
+) -> torch.Tensor | None:
+    """Boolean mask (B, 1, Q+T, Q+T), True = may attend, over the joint `[queries; text]` sequence.
+
+    - unimodal: queries see queries, text sees text (ITC: the two streams stay independent).
+    - bidirectional: everything sees everything (ITM).
+    - multimodal_causal: queries see queries; text token t sees all queries and text tokens <= t (ITG).
+    Padded text positions are never attended to. Returns None when nothing is masked.
+    """
+    if text_mask is None:
+        return None
+    batch, text_len = text_mask.shape
+    length = num_queries + text_len
+    pos = torch.arange(length, device=text_mask.device)
+    row, col = pos[:, None], pos[None, :]
+    is_query_row, is_query_col = row < num_queries, col < num_queries
+    if mode == "unimodal":
+        allowed = is_query_row == is_query_col
+    elif mode == "bidirectional":
+        allowed = torch.ones(length, length, dtype=torch.bool, device=text_mask.device)
+    elif mode == "multimodal_causal":
+        allowed = is_query_col | (~is_query_row & (col <= row))
+    else:
+        raise ValueError(f"unknown attention mode {mode!r}")
+    key_valid = torch.cat([text_mask.new_ones(batch, num_queries), text_mask], dim=1).bool()
+    return allowed[None, None] & key_valid[:, None, None, :]
+
+
+def multi_head_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    num_heads: int,
+    attention_mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled dot-product attention over projected (B, L, D) tensors; returns (B, Lq, D) and optionally the
+    attention probabilities (B, heads, Lq, Lk), which SDPA does not expose and are then computed explicitly."""
+    batch, q_len, dim = query.shape
+
+    def split_heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, -1, num_heads, dim // num_heads).transpose(1, 2)
+
+    q, k, v = split_heads(query), split_heads(key), split_heads(value)
+    if output_attentions:
+        scores = q @ k.transpose(-1, -2) * (dim // num_heads) ** -0.5
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        weights = F.dropout(scores.softmax(dim=-1), p=dropout)
+        context = weights @ v
+    else:
+        weights = None
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+    return context.transpose(1, 2).reshape(batch, q_len, dim), weights
+
+
+class QFormerCrossAttention(nn.Module):
+    """Queries (B, Q, D) attend to the frozen image embeddings (B, N, encoder_hidden_size); post-LayerNorm."""
+
+    def __init__(self, config: SmolVLMQFormerQFormerConfig):
+        super().__init__()
+        self.num_heads = config.n_heads
+        self.dropout = config.attention_dropout
+        self.q_lin = nn.Linear(config.dim, config.dim)
+        self.k_lin = nn.Linear(config.encoder_hidden_size, config.dim)
+        self.v_lin = nn.Linear(config.encoder_hidden_size, config.dim)
+        self.out_lin = nn.Linear(config.dim, config.dim)
+        self.layer_norm = nn.LayerNorm(config.dim, eps=1e-12)
+
+    def forward(
+        self, queries: torch.Tensor, image_embeds: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context, weights = multi_head_attention(
+            self.q_lin(queries),
+            self.k_lin(image_embeds),
+            self.v_lin(image_embeds),
+            self.num_heads,
+            dropout=self.dropout if self.training else 0.0,
+            output_attentions=output_attentions,
+        )
+        return self.layer_norm(queries + self.out_lin(context)), weights
+
+
+class QFormerLayer(TransformerBlock):
+    """A DistilBERT `TransformerBlock` (same parameters, so pretrained weights load unchanged) whose query positions
+    cross-attend to the image between self-attention and the feed-forward network, when the layer has
+    cross-attention. Text positions never cross-attend."""
+
+    def __init__(self, config: SmolVLMQFormerQFormerConfig, has_cross_attention: bool):
+        super().__init__(config)
+        self.num_heads = config.n_heads
+        self.crossattention = QFormerCrossAttention(config) if has_cross_attention else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_embeds: torch.Tensor | None,
+        num_queries: int,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn = self.attention
+        context, _ = multi_head_attention(
+            attn.q_lin(hidden_states),
+            attn.k_lin(hidden_states),
+            attn.v_lin(hidden_states),
+            self.num_heads,
+            attention_mask,
+            dropout=attn.dropout.p if self.training else 0.0,
+        )
+        hidden_states = self.sa_layer_norm(hidden_states + attn.out_lin(context))
+
+        cross_weights = None
+        if self.crossattention is not None and num_queries > 0:
+            queries, cross_weights = self.crossattention(
+                hidden_states[:, :num_queries], image_embeds, output_attentions
+            )
+            hidden_states = torch.cat([queries, hidden_states[:, num_queries:]], dim=1)
+
+        hidden_states = self.output_layer_norm(hidden_states + self.ffn(hidden_states))
+        return hidden_states, cross_weights
+
+
+class QFormerEncoder(nn.Module):
+    """The layer stack, named `transformer.layer.{i}` like DistilBERT's so its checkpoints load."""
+
+    def __init__(self, config: SmolVLMQFormerQFormerConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            QFormerLayer(config, has_cross_attention=i % config.cross_attention_frequency == 0)
+            for i in range(config.n_layers)
+        )
+
+
+@dataclass
+class QFormerModelOutput(ModelOutput):
+    """
+    last_hidden_state: (B, Q+T, D) outputs over `[queries; text]`.
+    query_output: (B, Q, D) the query positions (empty when no image was given).
+    text_output: (B, T, D) the text positions (empty when no text was given).
+    cross_attentions: per cross-attention layer, (B, heads, Q, N), when `output_attentions=True`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    query_output: torch.FloatTensor | None = None
+    text_output: torch.FloatTensor | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class QFormerModel(DistilBertPreTrainedModel):
+    """DistilBERT turned into a Q-Former: `num_query_tokens` learnable queries are prepended to the text, and every
+    `cross_attention_frequency`-th layer lets the queries attend to the image.
+
+    Pass `image_embeds` for the query path, `input_ids` for the text path, or both with an attention `mode`.
+    `QFormerModel.from_pretrained("distilbert-base-uncased", encoder_hidden_size=...)` loads DistilBERT's weights;
+    only the queries and cross-attention blocks start fresh.
+    """
+
+    config_class = SmolVLMQFormerQFormerConfig
+
+    def __init__(self, config: SmolVLMQFormerQFormerConfig):
+        super().__init__(config)
+        self.embeddings = Embeddings(config)
+        self.transformer = QFormerEncoder(config)
+        # Random, not zero (BLIP-2's choice): with no position embeddings, zero queries would stay identical.
+        self.query_tokens = nn.Parameter(torch.empty(1, config.num_query_tokens, config.dim))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, QFormerModel):
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mode: AttentionMode = "unimodal",
+        output_attentions: bool = False,
+    ) -> QFormerModelOutput:
+        if image_embeds is None and input_ids is None:
+            raise ValueError("QFormerModel needs image_embeds, input_ids or both")
+        parts, num_queries = [], 0
+        if image_embeds is not None:
+            queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            # Queries share the embedding LayerNorm and dropout but have no position embedding (as in BLIP-2).
+            parts.append(self.embeddings.dropout(self.embeddings.LayerNorm(queries)))
+            num_queries = queries.shape[1]
+            image_embeds = image_embeds.to(queries.dtype)
+        if input_ids is not None:
+            parts.append(self.embeddings(input_ids))  # word + position embeddings, positions from 0
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+        hidden_states = torch.cat(parts, dim=1)
+        mask = qformer_attention_mask(num_queries, attention_mask, mode) if input_ids is not None else None
+
+        cross_attentions = []
+        for layer in self.transformer.layer:
+            hidden_states, weights = layer(hidden_states, mask, image_embeds, num_queries, output_attentions)
+            if weights is not None:
+                cross_attentions.append(weights)
+        return QFormerModelOutput(
+            last_hidden_state=hidden_states,
+            query_output=hidden_states[:, :num_queries],
+            text_output=hidden_states[:, num_queries:],
+            cross_attentions=tuple(cross_attentions) if output_attentions else None,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage-1 losses (the maths of LAVIS' BLIP-2)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def image_text_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """(B_img, Q, E) x (B_txt, E) -> (B_img, B_txt): an image's score for a text is its best-matching query."""
+    return torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)
+
+
+def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy; the matching text of image i is text i."""
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.t(), labels)) / 2
+
+
+def sample_hard_negatives(logits_per_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image a negative text, and for each text a negative image, drawn in proportion to their ITC
+    similarity (never the positive). Returns (negative text index per image, negative image index per text)."""
+    if logits_per_image.shape[0] < 2:
+        raise ValueError("ITM needs a batch of at least 2 image-text pairs to draw negatives from")
+    with torch.no_grad():
+        positives = torch.eye(logits_per_image.shape[0], dtype=torch.bool, device=logits_per_image.device)
+        # The epsilon keeps a row drawable when every negative's probability underflows.
+        weights_i2t = (logits_per_image.float().softmax(dim=1) + 1e-8).masked_fill(positives, 0)
+        weights_t2i = (logits_per_image.t().float().softmax(dim=1) + 1e-8).masked_fill(positives, 0)
+        return torch.multinomial(weights_i2t, 1).squeeze(1), torch.multinomial(weights_t2i, 1).squeeze(1)
+
+
+class QFormerTextHead(nn.Module):
+    """DistilBERT's masked-LM head shape, used for ITG; the decoder reuses the Q-Former's word embeddings."""
+
+    def __init__(self, config: SmolVLMQFormerQFormerConfig):
+        super().__init__()
+        self.vocab_transform = nn.Linear(config.dim, config.dim)
+        self.activation = get_activation(config.activation)
+        self.vocab_layer_norm = nn.LayerNorm(config.dim, eps=1e-12)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.vocab_layer_norm(self.activation(self.vocab_transform(hidden_states)))
+        return F.linear(hidden_states, word_embeddings, self.bias)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pretrained base shared by the stage-1 and stage-2 models
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SmolVLMQFormerPreTrainedModel(PreTrainedModel):
+    config_class = SmolVLMQFormerConfig
+    base_model_prefix = "smolvlm_qformer"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["QFormerLayer", "LlamaDecoderLayer", "ViTLayer", "Dinov2Layer"]
+    # `save_pretrained` writes this whole map (its own call records only one auto class per model class).
+    _auto_map = {
+        "AutoConfig": "configuration_smolvlm_qformer.SmolVLMQFormerConfig",
+        "AutoProcessor": "processing_smolvlm_qformer.SmolVLMQFormerProcessor",
+    }
+
+    def __init__(self, config: SmolVLMQFormerConfig):
+        super().__init__(config)
+        self.vision_model = AutoModel.from_config(config.vision_config)
+        self.qformer = QFormerModel(config.qformer_config)
+        self.vision_model.requires_grad_(False)  # frozen: the vision encoder never trains
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SmolVLMQFormerForImageTextRetrieval):
+            init.constant_(module.temperature, self.config.qformer_config.temperature)
+
+    def get_image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The frozen vision encoder's last hidden state (B, N, Dv), or `image_embeds` as given (a feature cache)."""
+        if image_embeds is not None:
+            return image_embeds
+        if pixel_values is None:
+            raise ValueError("pass pixel_values or image_embeds")
+        frozen = not any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.no_grad() if frozen else nullcontext():
+            return self.vision_model(pixel_values=pixel_values.to(self.vision_model.dtype)).last_hidden_state
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Saves weights, config and the three remote-code files with an `auto_map` for every Auto class."""
+        self.config.auto_map = {
+            **self._auto_map,
+            **{auto_class: f"modeling_smolvlm_qformer.{type(self).__name__}" for auto_class in self._auto_classes},
+        }
+        type(self).register_for_auto_class(self._auto_classes[0])
+        type(self.config).register_for_auto_class()
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision: str | None = "google/vit-base-patch16-224-in21k",
+        qformer: str | None = "distilbert-base-uncased",
+        language_model: str | None = "HuggingFaceTB/SmolLM2-135M-Instruct",
+        stage1: str | None = None,
+        qformer_config: dict | None = None,
+        **config_kwargs,
+    ) -> SmolVLMQFormerPreTrainedModel:
+        """Assembles a model from pretrained checkpoints (Hub ids or local paths).
+
+        Vision encoder and Q-Former come from `vision` and `qformer` (a DistilBERT checkpoint), or both from a
+        stage-1 checkpoint (`stage1`; its contrastive heads are left behind). The generation model also loads `language_model`. `qformer_config`
+        overrides Q-Former settings such as `num_query_tokens` or `losses`.
+        """
+        if stage1 is not None:
+            retrieval = SmolVLMQFormerForImageTextRetrieval.from_pretrained(stage1)
+            vision_model, qformer_model = retrieval.vision_model, retrieval.qformer
+        else:
+            vision_model = AutoModel.from_pretrained(vision)
+            qformer_model = QFormerModel.from_pretrained(
+                qformer, encoder_hidden_size=vision_model.config.hidden_size, **(qformer_config or {})
+            )
+        lm = AutoModelForCausalLM.from_pretrained(language_model) if cls._has_language_model else None
+        config = SmolVLMQFormerConfig(
+            vision_config=vision_model.config,
+            qformer_config=qformer_model.config,
+            text_config=lm.config if lm is not None else None,
+            **config_kwargs,
+        )
+        model = cls(config)
+        model.vision_model.load_state_dict(vision_model.state_dict())
+        model.qformer.load_state_dict(qformer_model.state_dict())
+        if lm is not None:
+            model.language_model.load_state_dict(lm.state_dict())
+        return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 1: image-text retrieval (ITC / ITM / ITG)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SmolVLMQFormerRetrievalOutput(ModelOutput):
+    """
+    loss: weighted sum of the configured losses; loss_itc / loss_itm / loss_itg: each one, when computed.
+    logits_per_image: (B_img, B_txt) ITC similarities divided by the temperature.
+    image_embeds: (B, Q, E) normalised query embeddings; text_embeds: (B, E) normalised [CLS] embeddings.
+    itm_logits: (3B, 2) ITM logits for [positives; image->negative text; negative image->text], when computed.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    loss_itg: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    temperature: torch.FloatTensor | None = None
+
+
+class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
+    """Stage 1: frozen vision encoder + Q-Former + contrastive, matching and generation heads."""
+
+    main_input_name = "pixel_values"
+    _auto_classes = ("AutoModel",)
+    _has_language_model = False
+
+    def __init__(self, config: SmolVLMQFormerConfig):
+        super().__init__(config)
+        qformer_config = config.qformer_config
+        self.vision_proj = nn.Linear(qformer_config.dim, qformer_config.embed_dim)
+        self.text_proj = nn.Linear(qformer_config.dim, qformer_config.embed_dim)
+        self.itm_head = nn.Linear(qformer_config.dim, 2)
+        self.itg_head = QFormerTextHead(qformer_config)
+        self.temperature = nn.Parameter(torch.tensor(qformer_config.temperature))
+        self.post_init()
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, Q, E) normalised contrastive embeddings of the images' queries."""
+        query_output = self.qformer(image_embeds=self.get_image_embeds(pixel_values, image_embeds)).query_output
+        return F.normalize(self.vision_proj(query_output), dim=-1)
+
+    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """(B, E) normalised contrastive embeddings of the texts' [CLS] token."""
+        text_output = self.qformer(input_ids=input_ids, attention_mask=attention_mask).text_output
+        return F.normalize(self.text_proj(text_output[:, 0]), dim=-1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        return_loss: bool = True,
+    ) -> SmolVLMQFormerRetrievalOutput:
+        """Scores every image against every text of the batch; with `return_loss`, the configured losses (pair i is
+        the positive of image i and text i)."""
+        image_embeds = self.get_image_embeds(pixel_values, image_embeds)
+        image_feats = self.get_image_features(image_embeds=image_embeds)
+        text_feats = self.get_text_features(input_ids, attention_mask)
+        temperature = self.temperature.clamp(0.001, 0.5)
+        logits_per_image = image_text_similarity(image_feats, text_feats) / temperature
+
+        output = SmolVLMQFormerRetrievalOutput(
+            logits_per_image=logits_per_image,
+            image_embeds=image_feats,
+            text_embeds=text_feats,
+            temperature=temperature.detach(),
+        )
+        if not return_loss:
+            return output
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        losses = {}
+        for name in self.config.qformer_config.losses:
+            if name == "itc":
+                losses[name] = contrastive_loss(logits_per_image)
+            elif name == "itm":
+                losses[name], output.itm_logits = self.matching_loss(
+                    image_embeds, input_ids, attention_mask, logits_per_image
+                )
+            else:
+                losses[name] = self.generation_loss(image_embeds, input_ids, attention_mask)
+            output[f"loss_{name}"] = losses[name]
+        weights = self.config.qformer_config.loss_weights
+        output.loss = sum(weight * losses[name] for name, weight in zip(losses, weights))
+        return output
+
+    def matching_loss(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        logits_per_image: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM: classify [positive; image + hard-negative text; hard-negative image + text] with bidirectional
+        attention; the logits are the ITM head averaged over the query outputs."""
+        neg_text, neg_image = sample_hard_negatives(logits_per_image)
+        images = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])
+        ids = torch.cat([input_ids, input_ids[neg_text], input_ids])
+        mask = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
+        query_output = self.qformer(images, ids, mask, mode="bidirectional").query_output
+        logits = self.itm_head(query_output).mean(dim=1)
+        batch = input_ids.shape[0]
+        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
+        return F.cross_entropy(logits, labels), logits
+
+    def generation_loss(
+        self, image_embeds: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ITG: next-token loss on the caption, each token seeing all queries and the earlier text."""
+        text_output = self.qformer(image_embeds, input_ids, attention_mask, mode="multimodal_causal").text_output
+        logits = self.itg_head(text_output[:, :-1], self.qformer.get_input_embeddings().weight)
+        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 2: image-conditioned generation
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SmolVLMQFormerAdapter(nn.Module):
+    """2-layer GELU MLP from the Q-Former width to the LM's embedding width."""
+
+    def __init__(self, config: SmolVLMQFormerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.qformer_config.dim, config.adapter_hidden_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(config.adapter_hidden_size, config.text_config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+@dataclass
+class SmolVLMQFormerCausalLMOutput(ModelOutput):
+    """
+    loss: LM loss over the positions whose label is not -100 (the answer).
+    logits: (B, L, vocab) LM logits.
+    image_hidden_states: (B, Q, H) the adapted query embeddings spliced into the prompt, when an image was given.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, GenerationMixin):
+    """Stage 2: frozen vision encoder -> Q-Former (queries only) -> MLP adapter -> causal LM.
+
+    The processor writes `num_query_tokens` placeholder tokens (`config.image_token_id`) where the image goes;
+    `forward` swaps their embeddings for the adapted query outputs, so the image can sit anywhere in the prompt.
+    """
+
+    _auto_classes = ("AutoModel", "AutoModelForImageTextToText", "AutoModelForVision2Seq")
+    _has_language_model = True
+
+    def __init__(self, config: SmolVLMQFormerConfig):
+        super().__init__(config)
+        self.adapter = SmolVLMQFormerAdapter(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, Q, H): the image's query outputs mapped into the LM's embedding space."""
+        query_output = self.qformer(image_embeds=self.get_image_embeds(pixel_values, image_embeds)).query_output
+        return self.adapter(query_output)
+
+    def embed_prompt(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """LM input embeddings (B, L, H) with the image placeholders replaced by the adapted query outputs."""
+        image_mask = input_ids == self.config.image_token_id
+        # The placeholder id may lie outside the LM's vocabulary: look up a valid id, its embedding is replaced.
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        if pixel_values is None and image_embeds is None:
+            if image_mask.any():
+                raise ValueError("the prompt has image placeholder tokens but no pixel_values or image_embeds")
+            return inputs_embeds, None
+        image_features = self.get_image_features(pixel_values, image_embeds)
+        if image_mask.sum() != image_features.shape[0] * image_features.shape[1]:
+            raise ValueError(
+                f"the prompt has {int(image_mask.sum())} image placeholder tokens but the images give "
+                f"{image_features.shape[0]} x {image_features.shape[1]} query embeddings"
+            )
+        image_features = image_features.to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features), image_features
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: object | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> SmolVLMQFormerCausalLMOutput:
+        image_features = None
+        if inputs_embeds is None:
+            inputs_embeds, image_features = self.embed_prompt(input_ids, pixel_values, image_embeds)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return SmolVLMQFormerCausalLMOutput(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
+        """The image goes in at prefill only; later steps reuse the KV cache."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # An empty (or no) cache means the whole prompt runs now: the same test on transformers 4.x and 5.x.
+        past_key_values = kwargs.get("past_key_values")
+        is_prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        model_inputs["pixel_values"] = pixel_values if is_prefill else None
+        model_inputs["image_embeds"] = image_embeds if is_prefill else None
+        return model_inputs
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """`GenerationMixin.generate`, plus captioning from an image alone: with no `input_ids` the prompt is
+        `config.default_prompt_ids` (the image placeholders alone if unset), and only the new tokens are returned."""
+        caption_only = input_ids is None
+        if caption_only:
+            images = pixel_values if pixel_values is not None else image_embeds
+            prompt = self.config.default_prompt_ids or [self.config.image_token_id] * self.config.num_query_tokens
+            input_ids = torch.tensor([prompt], device=images.device).expand(images.shape[0], -1)
+            attention_mask = torch.ones_like(input_ids)
+        output = super().generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_embeds=image_embeds,
+            **generate_kwargs,
+        )
+        return output[:, input_ids.shape[1] :] if caption_only else output
+
+
+__all__ = [
+    "QFormerModel",
+    "SmolVLMQFormerPreTrainedModel",
+    "SmolVLMQFormerForImageTextRetrieval",
+    "SmolVLMQFormerForConditionalGeneration",
+]
