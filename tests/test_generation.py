@@ -1,0 +1,109 @@
+"""The generation model: the image splice, equivalence with the bare LM, LoRA targets, and cached generation."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from smolvlm_qformer import LORA_TARGET_MODULES, SmolVLMQFormerForConditionalGeneration
+
+QUESTIONS = ["What colour is the shape?", "What shape?"]
+
+
+@pytest.fixture
+def model(config):
+    model = SmolVLMQFormerForConditionalGeneration(config).eval()
+    # Random-init weights give near-uniform logits; widen them so greedy decoding actually varies.
+    with torch.no_grad():
+        for param in model.language_model.parameters():
+            param.add_(torch.randn_like(param) * 0.3)
+    return model
+
+
+def test_image_features_replace_exactly_the_placeholders(model, processor, images):
+    batch = processor(images=images[:2], text=QUESTIONS)
+    embeds, image_features = model.embed_prompt(batch.input_ids, batch.pixel_values)
+    is_image = batch.input_ids == processor.image_token_id
+    assert is_image.sum(dim=1).tolist() == [processor.num_query_tokens] * 2
+    torch.testing.assert_close(embeds[is_image], image_features.flatten(0, 1))
+    text_embeds = model.get_input_embeddings()(batch.input_ids.masked_fill(is_image, 0))
+    torch.testing.assert_close(embeds[~is_image], text_embeds[~is_image])
+    assert image_features.shape == (2, processor.num_query_tokens, model.config.text_config.hidden_size)
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(model, processor, images):
+    batch = processor(images=images[:2], text=QUESTIONS)
+    with pytest.raises(ValueError, match="image placeholder tokens"):
+        model(input_ids=batch.input_ids, pixel_values=batch.pixel_values[:1])
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=batch.input_ids)
+
+
+def test_labels_give_the_lm_loss_on_answer_tokens_only(model, processor, images):
+    batch = processor(images=images[:2], text=QUESTIONS)
+    labels = torch.full_like(batch.input_ids, -100)
+    labels[:, -3:] = batch.input_ids[:, -3:]
+    out = model(**batch, labels=labels)
+    logits = out.logits[:, :-1].flatten(0, 1)
+    expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_with_lora_disabled_and_no_image_logits_equal_the_bare_lm(model, processor):
+    bare_lm = AutoModelForCausalLM.from_config(model.config.text_config).eval()
+    bare_lm.load_state_dict(model.language_model.state_dict())
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGET_MODULES, init_lora_weights=False))
+    lora_modules = [name for name, _ in peft_model.named_modules() if name.endswith("lora_A")]
+    assert lora_modules and all(".language_model." in name for name in lora_modules)
+    assert len(lora_modules) == 4 * model.config.text_config.num_hidden_layers
+
+    batch = processor.tokenizer(["a red circle", "What shape is it?"], padding=True, return_tensors="pt")
+    expected = bare_lm(**batch).logits
+    with peft_model.disable_adapter():
+        torch.testing.assert_close(peft_model(**batch).logits, expected, atol=1e-6, rtol=1e-5)
+    assert (peft_model(**batch).logits - expected).abs().amax() > 1e-3  # the adapter does act when enabled
+
+
+def _greedy_without_cache(model, batch, steps):
+    input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    for _ in range(steps):
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=input_ids,
+            pixel_values=batch.pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).logits[:, -1]
+        next_token = logits.argmax(-1, keepdim=True)
+        input_ids = torch.cat([input_ids, next_token], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
+    return input_ids
+
+
+def test_cached_generate_equals_uncached_greedy_batched_left_padded(model, processor, images):
+    batch = processor(images=images[:2], text=["What colour is the big shape on the left?", "Shape?"])
+    assert (batch.attention_mask[:, 0] == 0).any()  # left padding is exercised
+    model.generation_config.eos_token_id = None  # run the full length
+    steps = 8
+    generated = model.generate(**batch, max_new_tokens=steps, do_sample=False)
+    expected = _greedy_without_cache(model, batch, steps)
+    assert generated.tolist() == expected.tolist()
+    assert len(set(generated[:, -steps:].flatten().tolist())) > 1
+
+
+def test_vision_and_qformer_run_once_per_generate(model, processor, images):
+    calls = []
+    model.qformer.register_forward_hook(lambda *args: calls.append(1))
+    batch = processor(images=images[:2], text=QUESTIONS)
+    model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert len(calls) == 1
+
+
+def test_captioning_from_an_image_alone_uses_the_default_prompt(model, processor, images):
+    batch = processor(images=images[:2])
+    model.generation_config.eos_token_id = None
+    full = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    caption = model.generate(pixel_values=batch.pixel_values, max_new_tokens=4, do_sample=False)
+    assert batch.input_ids[0].tolist() == model.config.default_prompt_ids
+    assert caption.tolist() == full[:, batch.input_ids.shape[1] :].tolist()

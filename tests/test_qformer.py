@@ -1,0 +1,210 @@
+"""The Q-Former: DistilBERT compatibility, the three attention modes, and the stage-1 losses against references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DistilBertConfig, DistilBertModel
+
+from smolvlm_qformer import QFormerModel, SmolVLMQFormerForImageTextRetrieval
+from smolvlm_qformer.modeling_smolvlm_qformer import qformer_attention_mask, sample_hard_negatives
+
+TEXTS = ["a red circle", "a blue square on the left", "a star", "a green triangle"]
+
+
+@pytest.fixture
+def qformer(config):
+    return QFormerModel(config.qformer_config).eval()
+
+
+@pytest.fixture
+def text(processor):
+    return processor.qformer_tokenizer(TEXTS, padding=True, return_tensors="pt")
+
+
+def test_distilbert_weights_load_and_text_path_equals_distilbert(tmp_path, config, text):
+    qconfig = config.qformer_config
+    bert_config = DistilBertConfig(**{k: getattr(qconfig, k) for k in ("vocab_size", "dim", "hidden_dim", "n_layers")})
+    bert_config.n_heads, bert_config.max_position_embeddings = qconfig.n_heads, qconfig.max_position_embeddings
+    distilbert = DistilBertModel(bert_config).eval()
+    distilbert.save_pretrained(tmp_path)
+
+    qformer, info = QFormerModel.from_pretrained(
+        tmp_path, num_query_tokens=4, encoder_hidden_size=32, output_loading_info=True
+    )
+    new_parts = {key.split(".")[0] if "crossattention" not in key else "crossattention" for key in info["missing_keys"]}
+    assert new_parts == {"query_tokens", "crossattention"}
+    assert info["unexpected_keys"] == [] or set(info["unexpected_keys"]) <= {"embeddings.position_ids"}
+
+    expected = distilbert(**text).last_hidden_state
+    actual = qformer.eval()(input_ids=text.input_ids, attention_mask=text.attention_mask).text_output
+    valid = text.attention_mask.bool()
+    torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_mask_patterns():
+    text_mask = torch.tensor([[1, 1, 0]])
+    q = 2
+    unimodal = qformer_attention_mask(q, text_mask, "unimodal")[0, 0].int()
+    bidirectional = qformer_attention_mask(q, text_mask, "bidirectional")[0, 0].int()
+    causal = qformer_attention_mask(q, text_mask, "multimodal_causal")[0, 0].int()
+    assert unimodal.tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0]]
+    assert bidirectional.tolist() == [[1, 1, 1, 1, 0]] * 5
+    assert causal.tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+
+
+def _outputs(qformer, image_embeds, input_ids, attention_mask, mode):
+    return qformer(image_embeds, input_ids, attention_mask, mode=mode)
+
+
+def test_unimodal_queries_ignore_text(qformer, text):
+    image = torch.randn(len(TEXTS), 5, 32)
+    other_ids = text.input_ids.clone()
+    other_ids[:, 1] = 7
+    a = _outputs(qformer, image, text.input_ids, text.attention_mask, "unimodal")
+    b = _outputs(qformer, image, other_ids, text.attention_mask, "unimodal")
+    torch.testing.assert_close(a.query_output, b.query_output)
+    assert not torch.allclose(a.text_output, b.text_output)
+    # and equal to the query path run alone
+    torch.testing.assert_close(a.query_output, qformer(image_embeds=image).query_output, atol=1e-6, rtol=1e-5)
+
+
+def test_bidirectional_queries_see_text(qformer, text):
+    image = torch.randn(len(TEXTS), 5, 32)
+    other_ids = text.input_ids.clone()
+    other_ids[:, 1] = 7
+    a = _outputs(qformer, image, text.input_ids, text.attention_mask, "bidirectional")
+    b = _outputs(qformer, image, other_ids, text.attention_mask, "bidirectional")
+    assert (a.query_output - b.query_output).abs().amax() > 1e-4
+
+
+def test_multimodal_causal_text_sees_only_the_past(qformer, text):
+    image = torch.randn(len(TEXTS), 5, 32)
+    t = 2
+    other_ids = text.input_ids.clone()
+    other_ids[:, t] = 7
+    a = _outputs(qformer, image, text.input_ids, text.attention_mask, "multimodal_causal")
+    b = _outputs(qformer, image, other_ids, text.attention_mask, "multimodal_causal")
+    torch.testing.assert_close(a.query_output, b.query_output)
+    torch.testing.assert_close(a.text_output[:, :t], b.text_output[:, :t])
+    changed = (a.text_output - b.text_output).abs().amax(dim=-1)  # (B, T)
+    assert (changed[:, t] > 1e-4).all()
+
+
+def test_cross_attention_sees_the_image(qformer):
+    image = torch.randn(2, 5, 32)
+    a = qformer(image_embeds=image, output_attentions=True)
+    b = qformer(image_embeds=image + 1)
+    assert (a.query_output - b.query_output).abs().amax() > 1e-4
+    assert len(a.cross_attentions) == 1  # 2 layers, cross-attention every 2nd layer
+    torch.testing.assert_close(a.cross_attentions[0].sum(-1), torch.ones(2, 2, 4))
+
+
+def test_queries_start_distinct(qformer):
+    queries = qformer.query_tokens[0]
+    assert queries.std() > 0.01
+    assert torch.cdist(queries, queries).fill_diagonal_(1).min() > 0
+
+
+@pytest.fixture
+def retrieval(config):
+    return SmolVLMQFormerForImageTextRetrieval(config).eval()
+
+
+def _batch(processor, images):
+    return processor.retrieval_inputs(images=images, text=TEXTS)
+
+
+def test_itc_loss_matches_reference(retrieval, processor, images):
+    retrieval.config.qformer_config.losses = ["itc"]
+    retrieval.config.qformer_config.loss_weights = [1.0]
+    out = retrieval(**_batch(processor, images))
+    image_feats, text_feats, temp = out.image_embeds.detach(), out.text_embeds.detach(), out.temperature
+    n = len(TEXTS)
+    sim = torch.empty(n, n)
+    for i in range(n):
+        for j in range(n):
+            sim[i, j] = max(float(image_feats[i, q] @ text_feats[j]) for q in range(image_feats.shape[1])) / temp
+    expected = (F.cross_entropy(sim, torch.arange(n)) + F.cross_entropy(sim.t(), torch.arange(n))) / 2
+    torch.testing.assert_close(out.logits_per_image, sim, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    assert out.loss_itm is None and out.loss_itg is None
+
+
+def test_itm_loss_matches_per_pair_reference(retrieval, processor, images, monkeypatch):
+    neg_text, neg_image = torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3, 0, 1])
+    monkeypatch.setattr(
+        "smolvlm_qformer.modeling_smolvlm_qformer.sample_hard_negatives", lambda logits: (neg_text, neg_image)
+    )
+    retrieval.config.qformer_config.losses = ["itm"]
+    retrieval.config.qformer_config.loss_weights = [1.0]
+    batch = _batch(processor, images)
+    out = retrieval(**batch)
+
+    image_embeds = retrieval.get_image_embeds(batch.pixel_values, None)
+    pairs = [(i, i, 1) for i in range(4)] + [(i, int(neg_text[i]), 0) for i in range(4)]
+    pairs += [(int(neg_image[j]), j, 0) for j in range(4)]
+    losses = []
+    for image_index, text_index, label in pairs:
+        length = int(batch.attention_mask[text_index].sum())
+        queries = retrieval.qformer(
+            image_embeds[image_index : image_index + 1],
+            batch.input_ids[text_index : text_index + 1, :length],
+            mode="bidirectional",
+        ).query_output
+        logits = retrieval.itm_head(queries).mean(dim=1)
+        losses.append(F.cross_entropy(logits, torch.tensor([label])))
+    torch.testing.assert_close(out.loss, torch.stack(losses).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_hard_negatives_are_never_the_positive_and_follow_similarity():
+    logits = torch.full((4, 4), -50.0)
+    logits.fill_diagonal_(50.0)
+    logits[0, 2] = logits[1, 3] = logits[2, 0] = logits[3, 1] = 40.0
+    for _ in range(20):
+        neg_text, neg_image = sample_hard_negatives(logits)
+        assert neg_text.tolist() == [2, 3, 0, 1]
+        assert neg_image.tolist() == [2, 3, 0, 1]
+    with pytest.raises(ValueError, match="at least 2"):
+        sample_hard_negatives(torch.zeros(1, 1))
+
+
+def test_itg_loss_matches_per_sample_reference(retrieval, processor, images):
+    retrieval.config.qformer_config.losses = ["itg"]
+    retrieval.config.qformer_config.loss_weights = [1.0]
+    batch = _batch(processor, images)
+    out = retrieval(**batch)
+
+    image_embeds = retrieval.get_image_embeds(batch.pixel_values, None)
+    word_embeddings = retrieval.qformer.get_input_embeddings().weight
+    total, count = 0.0, 0
+    for i in range(len(TEXTS)):
+        ids = batch.input_ids[i, : int(batch.attention_mask[i].sum())]
+        text_output = retrieval.qformer(image_embeds[i : i + 1], ids[None], mode="multimodal_causal").text_output
+        logits = retrieval.itg_head(text_output[0], word_embeddings)
+        total = total + F.cross_entropy(logits[:-1], ids[1:], reduction="sum")
+        count += len(ids) - 1
+    torch.testing.assert_close(out.loss, total / count, atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_losses_and_gradients_reach_queries_and_cross_attention(config, processor, images):
+    config.qformer_config.loss_weights = [1.0, 0.5, 0.25]
+    model = SmolVLMQFormerForImageTextRetrieval(config).train()
+    model.config.qformer_config.attention_dropout = 0.0
+    out = model(**_batch(processor, images))
+    torch.testing.assert_close(out.loss, out.loss_itc + 0.5 * out.loss_itm + 0.25 * out.loss_itg)
+    out.loss.backward()
+    cross = model.qformer.transformer.layer[0].crossattention
+    for param in (model.qformer.query_tokens, cross.q_lin.weight, cross.k_lin.weight, model.temperature):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.vision_model.parameters())  # frozen
+
+
+def test_cached_image_embeds_give_the_same_outputs(retrieval, processor, images):
+    batch = _batch(processor, images)
+    image_embeds = retrieval.get_image_embeds(batch.pixel_values, None)
+    torch.manual_seed(1)
+    a = retrieval(**batch)
+    torch.manual_seed(1)
+    b = retrieval(image_embeds=image_embeds, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(a.logits_per_image, b.logits_per_image)
