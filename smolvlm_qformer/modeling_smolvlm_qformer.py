@@ -314,6 +314,7 @@ class QFormerTextHead(nn.Module):
 class SmolVLMQFormerPreTrainedModel(PreTrainedModel):
     config_class = SmolVLMQFormerConfig
     base_model_prefix = "smolvlm_qformer"
+    main_input_name = "pixel_values"  # what transformers 4.x's image-to-text pipeline hands to `generate`
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -423,7 +424,6 @@ class SmolVLMQFormerRetrievalOutput(ModelOutput):
 class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
     """Stage 1: frozen vision encoder + Q-Former + contrastive, matching and generation heads."""
 
-    main_input_name = "pixel_values"
     _auto_classes = ("AutoModel",)
     _has_language_model = False
 
@@ -625,7 +625,6 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
         labels: torch.LongTensor | None = None,
         image_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> SmolVLMQFormerCausalLMOutput:
@@ -639,7 +638,6 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
             past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
-            cache_position=cache_position,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
@@ -685,12 +683,12 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
             prompt = self.config.default_prompt_ids or [self.config.image_token_id] * self.config.num_query_tokens
             input_ids = torch.tensor([prompt], device=images.device).expand(images.shape[0], -1)
             attention_mask = torch.ones_like(input_ids)
+        if pixel_values is not None:
+            # Run the frozen vision encoder here, once; it is also what keeps `pixel_values` (the main input name)
+            # away from `GenerationMixin`, which would take it for the prompt.
+            image_embeds = self.get_image_embeds(pixel_values, None)
         output = super().generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            image_embeds=image_embeds,
-            **generate_kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **generate_kwargs
         )
         return output[:, input_ids.shape[1] :] if caption_only else output
 

@@ -6,13 +6,17 @@ whose embeddings the model replaces with the adapted Q-Former queries.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import BatchFeature, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs
 
 IMAGE_TOKEN = "<image>"
+QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_CAPTION_PROMPT = "Describe the image."
 
@@ -33,6 +37,27 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+class SmolVLMQFormerProcessorKwargs(ProcessingKwargs, total=False):
+    _defaults = {
+        # the chat template writes the special tokens; the LM takes no token types
+        "text_kwargs": {"padding": True, "add_special_tokens": False, "return_token_type_ids": False},
+        "common_kwargs": {"return_tensors": "pt"},
+    }
+
+
+def make_tokenizer_config_portable(path: str | os.PathLike) -> None:
+    """Rewrites what transformers 5 writes and 4.x cannot read: the `TokenizersBackend` class name and a list of
+    `extra_special_tokens` (4.x's `additional_special_tokens`, which 5.x reads too)."""
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
 
 
 def to_rgb(image: Any) -> Any:
@@ -78,6 +103,31 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        """Saves the components, the Q-Former tokenizer in `qformer_tokenizer/`, and this file as remote code, in a
+        layout that transformers 4.x and 5.x both load."""
+        type(self).register_for_auto_class("AutoProcessor")
+        self.attributes = ["image_processor", "tokenizer"]  # 4.x would write both tokenizers into the root
+        try:
+            files = super().save_pretrained(save_directory, **kwargs)
+        finally:
+            del self.attributes
+        qformer_folder = os.path.join(save_directory, QFORMER_TOKENIZER_FOLDER)
+        self.qformer_tokenizer.save_pretrained(qformer_folder)
+        self.image_processor.save_pretrained(save_directory)  # 5.x nests it in processor_config.json only
+        for folder in (save_directory, qformer_folder):
+            make_tokenizer_config_portable(os.path.join(folder, "tokenizer_config.json"))
+        return files
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        # 4.x looks for every tokenizer in the root folder; the Q-Former's lives in its own.
+        processor.qformer_tokenizer = AutoTokenizer.from_pretrained(
+            pretrained_model_name_or_path, subfolder=QFORMER_TOKENIZER_FOLDER
+        )
+        return processor
+
     def build_prompt(self, question: str | None = None, system_prompt: str | None = None) -> str:
         """The chat prompt for one image and a question (a captioning instruction if None), ready for generation."""
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
@@ -97,7 +147,8 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         self,
         images: Any = None,
         text: str | list[str] | None = None,
-        return_tensors: str | None = "pt",
+        audio: Any = None,
+        videos: Any = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Prompts (with `<image>` markers, or plain questions that get wrapped in the chat template with one image)
@@ -105,6 +156,11 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
 
         With images and no text, each image gets the captioning prompt.
         """
+        if audio is not None or videos is not None:
+            raise ValueError(f"{type(self).__name__} takes images and text only")
+        output_kwargs = self._merge_kwargs(
+            SmolVLMQFormerProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
         images = self._as_image_list(images)
         if text is None:
             if not images:
@@ -117,18 +173,10 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         if num_markers != len(images):
             raise ValueError(f"the prompts have {num_markers} {IMAGE_TOKEN} markers for {len(images)} images")
 
-        kwargs.pop("return_token_type_ids", None)  # the LM takes no token types
-        kwargs.setdefault("padding", True)
-        kwargs.setdefault("add_special_tokens", False)  # the chat template wrote them
-        encoding = self.tokenizer(
-            [self.expand_image_tokens(t) for t in texts],
-            return_tensors=return_tensors,
-            return_token_type_ids=False,
-            **kwargs,
-        )
-        data = dict(encoding)
+        return_tensors = output_kwargs["text_kwargs"].pop("return_tensors", None)
+        data = dict(self.tokenizer([self.expand_image_tokens(t) for t in texts], **output_kwargs["text_kwargs"]))
         if images:
-            data["pixel_values"] = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
+            data["pixel_values"] = self.image_processor(images, **output_kwargs["images_kwargs"])["pixel_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def retrieval_inputs(
