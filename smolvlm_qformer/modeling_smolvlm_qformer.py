@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import get_activation
-from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.distilbert.modeling_distilbert import (
     DistilBertPreTrainedModel,
     Embeddings,
@@ -370,8 +369,8 @@ class SmolVLMQFormerPreTrainedModel(PreTrainedModel):
         """Assembles a model from pretrained checkpoints (Hub ids or local paths).
 
         Vision encoder and Q-Former come from `vision` and `qformer` (a DistilBERT checkpoint), or both from a
-        stage-1 checkpoint (`stage1`; its contrastive heads are left behind). The generation model also loads `language_model`. `qformer_config`
-        overrides Q-Former settings such as `num_query_tokens` or `losses`.
+        stage-1 checkpoint (`stage1`; its contrastive heads are left behind). The generation model also loads
+        `language_model`. `qformer_config` overrides Q-Former settings such as `num_query_tokens` or `losses`.
         """
         if stage1 is not None:
             retrieval = SmolVLMQFormerForImageTextRetrieval.from_pretrained(stage1)
@@ -487,7 +486,7 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
                 losses[name] = self.generation_loss(image_embeds, input_ids, attention_mask)
             output[f"loss_{name}"] = losses[name]
         weights = self.config.qformer_config.loss_weights
-        output.loss = sum(weight * losses[name] for name, weight in zip(losses, weights))
+        output.loss = sum(weight * losses[name] for name, weight in zip(losses, weights, strict=True))
         return output
 
     def matching_loss(

@@ -1,0 +1,56 @@
+"""Assembling the model from three pretrained checkpoints, and stage 2 from a stage-1 checkpoint."""
+
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, DistilBertConfig, DistilBertModel
+
+from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration, SmolVLMQFormerForImageTextRetrieval
+
+
+def _save_backbones(config, root):
+    vision = AutoModel.from_config(config.vision_config)
+    vision.save_pretrained(root / "vision")
+    q = config.qformer_config
+    bert_config = DistilBertConfig(
+        vocab_size=q.vocab_size, dim=q.dim, hidden_dim=q.hidden_dim, n_layers=q.n_layers, n_heads=q.n_heads
+    )
+    distilbert = DistilBertModel(bert_config)
+    distilbert.save_pretrained(root / "qformer")
+    lm = AutoModelForCausalLM.from_config(config.text_config)
+    lm.save_pretrained(root / "lm")
+    return vision, distilbert, lm
+
+
+def _assert_same_weights(module, reference):
+    reference_state = reference.state_dict()
+    for name, tensor in module.state_dict().items():
+        if name in reference_state:
+            torch.testing.assert_close(tensor, reference_state[name], rtol=0, atol=0)
+
+
+def test_from_backbones_loads_each_checkpoint_and_freezes_vision(config, tmp_path):
+    vision, distilbert, lm = _save_backbones(config, tmp_path)
+    model = SmolVLMQFormerForConditionalGeneration.from_backbones(
+        vision=str(tmp_path / "vision"),
+        qformer=str(tmp_path / "qformer"),
+        language_model=str(tmp_path / "lm"),
+        qformer_config={"num_query_tokens": 4},
+        image_token_id=config.image_token_id,
+    )
+    _assert_same_weights(model.vision_model, vision)
+    _assert_same_weights(model.qformer, distilbert)
+    _assert_same_weights(model.language_model, lm)
+    assert model.config.qformer_config.encoder_hidden_size == config.vision_config.hidden_size
+    assert model.qformer.query_tokens.shape == (1, 4, config.qformer_config.dim)
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+
+
+def test_stage_two_starts_from_the_stage_one_checkpoint(config, tmp_path):
+    _save_backbones(config, tmp_path)
+    stage1 = SmolVLMQFormerForImageTextRetrieval(config)
+    stage1.save_pretrained(tmp_path / "stage1")
+    model = SmolVLMQFormerForConditionalGeneration.from_backbones(
+        stage1=str(tmp_path / "stage1"), language_model=str(tmp_path / "lm")
+    )
+    _assert_same_weights(model.qformer, stage1.qformer)
+    _assert_same_weights(model.vision_model, stage1.vision_model)
+    assert model.config.image_token_id == config.image_token_id
