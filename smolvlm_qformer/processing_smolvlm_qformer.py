@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 from transformers.processing_utils import ProcessingKwargs
 
 IMAGE_TOKEN = "<image>"
@@ -102,6 +102,22 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision: str = "google/vit-base-patch16-224-in21k",
+        qformer: str = "distilbert-base-uncased",
+        language_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
+        num_query_tokens: int = 32,
+    ) -> SmolVLMQFormerProcessor:
+        """The processor matching `from_backbones` models: each checkpoint's image processor or tokenizer."""
+        return cls(
+            AutoImageProcessor.from_pretrained(vision),
+            AutoTokenizer.from_pretrained(language_model),
+            AutoTokenizer.from_pretrained(qformer),
+            num_query_tokens=num_query_tokens,
+        )
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
         """Saves the components, the Q-Former tokenizer in `qformer_tokenizer/`, and this file as remote code, in a

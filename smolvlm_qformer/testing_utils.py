@@ -7,9 +7,21 @@ shape/colour captions and chat prompts, so they encode any text and round-trip i
 from __future__ import annotations
 
 import itertools
+import json
+import random
+from pathlib import Path
 
+from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import DistilBertTokenizerFast, PreTrainedTokenizerFast, ViTImageProcessor
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    DistilBertConfig,
+    DistilBertModel,
+    DistilBertTokenizerFast,
+    PreTrainedTokenizerFast,
+    ViTImageProcessor,
+)
 
 from .configuration_smolvlm_qformer import SmolVLMQFormerConfig
 from .processing_smolvlm_qformer import SmolVLMQFormerProcessor
@@ -125,3 +137,61 @@ def tiny_config(processor: SmolVLMQFormerProcessor | None = None, **qformer_kwar
         image_token_id=processor.image_token_id,
         default_prompt_ids=processor.default_prompt_ids,
     )
+
+
+def save_tiny_backbones(root: str | Path, processor: SmolVLMQFormerProcessor | None = None) -> dict[str, str]:
+    """Writes a tiny ViT (+ image processor), DistilBERT (+ tokenizer) and Llama LM (+ chat tokenizer) as three
+    pretrained folders, the stand-ins for the Hub checkpoints `from_backbones` takes. Returns their paths."""
+    root = Path(root)
+    processor = processor or tiny_processor()
+    config = tiny_config(processor)
+    q = config.qformer_config
+    paths = {"vision": str(root / "vision"), "qformer": str(root / "qformer"), "language_model": str(root / "lm")}
+    AutoModel.from_config(config.vision_config).save_pretrained(paths["vision"])
+    processor.image_processor.save_pretrained(paths["vision"])
+    bert_config = DistilBertConfig(
+        vocab_size=q.vocab_size, dim=q.dim, hidden_dim=q.hidden_dim, n_layers=q.n_layers, n_heads=q.n_heads
+    )
+    DistilBertModel(bert_config).save_pretrained(paths["qformer"])
+    processor.qformer_tokenizer.save_pretrained(paths["qformer"])
+    AutoModelForCausalLM.from_config(config.text_config).save_pretrained(paths["language_model"])
+    lm_tokenizer = build_lm_tokenizer()
+    lm_tokenizer.chat_template = processor.chat_template
+    lm_tokenizer.save_pretrained(paths["language_model"])
+    return paths
+
+
+def draw_shape(colour: str, shape: str, size: int = 32, seed: int = 0) -> Image.Image:
+    """A `colour` `shape` at a random position and scale on a white background."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    radius = rng.uniform(0.25, 0.4) * size
+    cx, cy = (rng.uniform(radius, size - radius) for _ in range(2))
+    box = [cx - radius, cy - radius, cx + radius, cy + radius]
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return image
+
+
+def make_shapes_dataset(folder: str | Path, num_images: int, size: int = 32, seed: int = 0) -> Path:
+    """An `imagefolder` dataset of coloured shapes: PNGs plus metadata.jsonl with a caption and a question/answer
+    per image (half ask for the colour, half for the shape)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    colours, shapes = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle"]
+    rows = []
+    for i in range(num_images):
+        colour, shape = colours[(i + seed) % len(colours)], shapes[(i // len(colours) + seed) % len(shapes)]
+        name = f"{i:05d}.png"
+        draw_shape(colour, shape, size, seed=seed * 100_003 + i).save(folder / name)
+        question, answer = ("What colour is the shape?", colour) if i % 2 else ("What shape is it?", shape)
+        rows.append({"file_name": name, "caption": f"a {colour} {shape}", "question": question, "answer": answer})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder

@@ -2,8 +2,9 @@
 
 from .collators import ChatCollator, RetrievalCollator
 from .feature_cache import FeatureCache, build_feature_cache
+from .images import decode_image
 from .prompts import PromptConfig
-from .sources import DataArguments, IndexedDataset, decode_image, load_image_text_dataset, split_train_eval
+from .sources import DataArguments, IndexedDataset, load_image_text_dataset, split_train_eval
 
 __all__ = [
     "ChatCollator",

@@ -1,4 +1,4 @@
-"""Batching for both stages. Images are decoded here (or read from the feature cache): a row whose image cannot be
+"""Batching for both stages. Images are decoded here (or come cached from the dataset): a row whose image cannot be
 decoded is dropped from its batch and counted in `num_skipped`, which the trainers log and report."""
 
 from __future__ import annotations
@@ -10,26 +10,23 @@ from typing import Any
 import torch
 
 from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
-from .feature_cache import FeatureCache
+from .images import decode_image
 from .prompts import PromptConfig
-from .sources import decode_image
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class _ImageCollator:
-    """Shared by both stages: keeps the rows whose image decodes (or is valid in the cache)."""
+    """Shared by both stages: keeps the rows whose image decodes (or whose cached features are valid)."""
 
     processor: SmolVLMQFormerProcessor
-    feature_cache: FeatureCache | None = None
 
     def _image_inputs(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The usable rows and their image inputs: `image_embeds` from the cache, else decoded `pixel_values`."""
-        if self.feature_cache is not None:
-            embeds, valid = self.feature_cache.get([row["sample_index"] for row in rows])
-            kept = [row for row, ok in zip(rows, valid.tolist(), strict=True) if ok]
-            return kept, {"image_embeds": embeds[valid]} if kept else {}
+        """The usable rows and their image inputs: cached `image_embeds`, else decoded `pixel_values`."""
+        if "image_embeds" in rows[0]:
+            kept = [row for row in rows if row["image_embeds"] is not None]
+            return kept, {"image_embeds": torch.stack([row["image_embeds"] for row in kept])} if kept else {}
         kept, images = [], []
         for row in rows:
             try:

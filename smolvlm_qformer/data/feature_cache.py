@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .sources import decode_image
+from .images import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +47,12 @@ def _config_hash(vision_model: nn.Module) -> str:
 class FeatureCache:
     """Read side: memory-maps the shards and returns features for any sample indices."""
 
-    def __init__(self, folder: str | Path, expected_samples: int | None = None):
+    def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         meta_path = self.folder / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{self.folder} is not a feature cache (no meta.json); build one first")
         self.meta = json.loads(meta_path.read_text())
-        if expected_samples is not None and self.meta["num_samples"] != expected_samples:
-            raise ValueError(
-                f"feature cache {self.folder} holds {self.meta['num_samples']} samples but the dataset has "
-                f"{expected_samples}: it was built for other data (rebuild it with the same data arguments)"
-            )
         self.shard_size = self.meta["shard_size"]
         missing = [s for s in range(self.num_shards) if not _shard_paths(self.folder, s)[0].exists()]
         if missing:
@@ -141,7 +136,7 @@ def build_feature_cache(
         logger.info("feature cache %s: shard %d/%d done", folder, shard + 1, num_shards)
     if skipped:
         logger.warning("feature cache %s: %d unreadable images recorded as invalid", folder, skipped)
-    return FeatureCache(folder, expected_samples=len(dataset))
+    return FeatureCache(folder)
 
 
 def _feature_shape(vision_model: nn.Module, image_processor: Any, device: str | torch.device) -> tuple[int, int]:

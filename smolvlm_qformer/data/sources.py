@@ -7,16 +7,13 @@ its batch rather than a crash when the dataset is built or iterated.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image, ImageOps
 
-from ..processing_smolvlm_qformer import to_rgb
+from .feature_cache import FeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +51,29 @@ class DataArguments:
 
 
 class IndexedDataset:
-    """A map-style dataset whose rows also carry their position, the key of the feature cache and of the
-    per-sample prompt draw."""
+    """A map-style dataset whose rows also carry their position (the key of the feature cache and of the per-sample
+    prompt draw) and, given a feature cache, the sample's cached vision features in place of its image."""
 
-    def __init__(self, dataset: datasets.Dataset):
+    def __init__(self, dataset: datasets.Dataset, feature_cache: FeatureCache | None = None):
+        if feature_cache is not None:
+            if len(feature_cache) != len(dataset):
+                raise ValueError(
+                    f"feature cache {feature_cache.folder} holds {len(feature_cache)} samples but the dataset has "
+                    f"{len(dataset)}: it was built for other data (rebuild it with the same data arguments)"
+                )
+            dataset = dataset.remove_columns("image")  # not read at all: the cache replaces it
         self.dataset = dataset
+        self.feature_cache = feature_cache
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.dataset[index], "sample_index": index}
+        row = {**self.dataset[index], "sample_index": index}
+        if self.feature_cache is not None:
+            features, valid = self.feature_cache.get([index])
+            row["image_embeds"] = features[0] if valid[0] else None  # None: the image was unreadable
+        return row
 
 
 def load_image_text_dataset(args: DataArguments, split: str) -> IndexedDataset | datasets.IterableDataset:
@@ -132,18 +141,3 @@ def _canonical_columns(dataset: datasets.Dataset | datasets.IterableDataset, arg
     if isinstance(dataset.features.get("image") if dataset.features else None, datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))  # decoded (or skipped) by the collator
     return dataset
-
-
-def decode_image(value: Any) -> Image.Image:
-    """An RGB PIL image from what a dataset row holds: a PIL image, `{"bytes", "path"}`, raw bytes or a path.
-    Raises (`OSError`, `ValueError`, ...) when the data is not a readable image."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        value = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, Path)):
-        value = Image.open(value)
-    if not isinstance(value, Image.Image):
-        raise ValueError(f"not an image: {type(value).__name__}")
-    value.load()
-    return to_rgb(ImageOps.exif_transpose(value))

@@ -1,0 +1,151 @@
+"""`smolvlm-qformer`: train both stages, cache vision features, caption images and answer questions.
+
+Training commands take `HfArgumentParser` arguments (model, data and `TrainingArguments` fields as `--flags`), or a
+single YAML / JSON file holding them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from .data import DataArguments
+
+logger = logging.getLogger("smolvlm_qformer")
+
+
+@dataclass
+class CacheArguments:
+    """Where `cache-features` writes, and how it batches."""
+
+    output_dir: str = "feature-cache"
+    batch_size: int = 32
+    shard_size: int = 1024
+    device: str = "cpu"
+    seed: int = 42
+    """Must equal the training run's `--seed`: it decides the train/eval split the cache is built for."""
+
+
+def _parse(dataclasses: tuple, argv: list[str]) -> tuple:
+    parser = HfArgumentParser(dataclasses)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def train_qformer_command(argv: list[str]) -> None:
+    from .training import ModelArguments, SmolVLMTrainingArguments, train_qformer
+
+    train_qformer(*_parse((ModelArguments, DataArguments, SmolVLMTrainingArguments), argv))
+
+
+def train_vlm_command(argv: list[str]) -> None:
+    from .training import ModelArguments, SmolVLMTrainingArguments, train_vlm
+
+    train_vlm(*_parse((ModelArguments, DataArguments, SmolVLMTrainingArguments), argv))
+
+
+def cache_features_command(argv: list[str]) -> None:
+    """Encodes the train and eval images once with the frozen vision encoder (of `--stage1_model` if given)."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    from .data import build_feature_cache, split_train_eval
+    from .training import ModelArguments
+
+    model_args, data_args, cache_args = _parse((ModelArguments, DataArguments, CacheArguments), argv)
+    if model_args.stage1_model is not None:
+        from .modeling_smolvlm_qformer import SmolVLMQFormerForImageTextRetrieval
+
+        vision_model = SmolVLMQFormerForImageTextRetrieval.from_pretrained(model_args.stage1_model).vision_model
+        image_processor = AutoImageProcessor.from_pretrained(model_args.stage1_model)
+    else:
+        vision_model = AutoModel.from_pretrained(model_args.vision_model)
+        image_processor = AutoImageProcessor.from_pretrained(model_args.vision_model)
+    train, evaluation = split_train_eval(data_args, cache_args.seed)
+    for name, dataset in (("train", train), ("eval", evaluation)):
+        if dataset is not None:
+            cache = build_feature_cache(
+                vision_model,
+                image_processor,
+                dataset,
+                Path(cache_args.output_dir) / name,
+                batch_size=cache_args.batch_size,
+                shard_size=cache_args.shard_size,
+                device=cache_args.device,
+            )
+            logger.info("%s: %d samples cached in %s", name, len(cache), cache.folder)
+
+
+def _generation_parser(prog: str, question: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"smolvlm-qformer {prog}")
+    parser.add_argument("--model", required=True, help="a trained model folder (or Hub id)")
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
+    if question:
+        parser.add_argument("image")
+        parser.add_argument("question")
+    else:
+        parser.add_argument("images", nargs="+")
+    return parser
+
+
+def _generate(model_path: str, images: list[str], question: str | None, max_new_tokens: int, device: str) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .data import decode_image
+
+    decoded = []
+    for path in images:
+        try:
+            decoded.append(decode_image(path))
+        except Exception as error:  # noqa: BLE001 - reported with the input's name
+            raise SystemExit(f"error: cannot read image {path!r}: {error}") from None
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True).to(device).eval()
+    inputs = processor(images=decoded, text=None if question is None else [question] * len(decoded)).to(device)
+    generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    answers = processor.batch_decode(generated[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    for path, answer in zip(images, answers, strict=True):
+        print(f"{path}\t{answer.strip()}")
+
+
+def caption_command(argv: list[str]) -> None:
+    args = _generation_parser("caption", question=False).parse_args(argv)
+    _generate(args.model, args.images, None, args.max_new_tokens, args.device)
+
+
+def ask_command(argv: list[str]) -> None:
+    args = _generation_parser("ask", question=True).parse_args(argv)
+    _generate(args.model, [args.image], args.question, args.max_new_tokens, args.device)
+
+
+COMMANDS = {
+    "train-qformer": (train_qformer_command, "stage 1: align the Q-Former with the vision encoder (ITC/ITM/ITG)"),
+    "train-vlm": (train_vlm_command, "stage 2: Q-Former + MLP adapter + LoRA on the LM loss"),
+    "cache-features": (cache_features_command, "run the frozen vision encoder once and store its outputs"),
+    "caption": (caption_command, "caption images with a trained model"),
+    "ask": (ask_command, "answer a question about an image"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        listing = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
+        print(f"usage: smolvlm-qformer COMMAND [ARGS]\n\ncommands:\n{listing}")
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    command, _ = COMMANDS[argv[0]]
+    command(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Both training stages: arguments, `Trainer` subclasses and entry points."""
+
+from .arguments import ModelArguments, SmolVLMTrainingArguments
+from .run import build_stage1, build_stage2, save_stage2, train_qformer, train_vlm
+from .trainers import QFormerTrainer, VLMTrainer
+
+__all__ = [
+    "ModelArguments",
+    "QFormerTrainer",
+    "SmolVLMTrainingArguments",
+    "VLMTrainer",
+    "build_stage1",
+    "build_stage2",
+    "save_stage2",
+    "train_qformer",
+    "train_vlm",
+]

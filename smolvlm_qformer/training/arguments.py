@@ -1,0 +1,42 @@
+"""Command-line / YAML arguments of both training stages (parsed with `HfArgumentParser`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    """Which pretrained parts to assemble (Hub ids or local folders), and the new parts' sizes."""
+
+    vision_model: str = "google/vit-base-patch16-224-in21k"
+    qformer_model: str = "distilbert-base-uncased"
+    language_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    stage1_model: str | None = None
+    """Stage 2: the stage-1 output folder (vision encoder + trained Q-Former + processor)."""
+    num_query_tokens: int = 32
+    losses: list[str] = field(default_factory=lambda: ["itc"])
+    """Stage-1 losses, any of itc / itm / itg."""
+    loss_weights: list[float] | None = None
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.1
+
+
+@dataclass
+class SmolVLMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the learning rate of the parts that start from scratch.
+
+    Stage 1: pretrained DistilBERT weights train at `learning_rate`; queries, cross-attention, projections, heads
+    and temperature at `new_parts_learning_rate`. Stage 2: the Q-Former at `learning_rate`; the MLP adapter and
+    LoRA at `new_parts_learning_rate`.
+    """
+
+    new_parts_learning_rate: float | None = field(
+        default=None, metadata={"help": "learning rate of the newly initialised parts (default: 5 x learning_rate)"}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "the collators read the raw image/caption columns: keep them"}
+    )

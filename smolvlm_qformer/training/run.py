@@ -1,0 +1,159 @@
+"""Entry points of the two stages: assemble model, processor and data, train, save a folder that loads anywhere."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from ..data import ChatCollator, FeatureCache, IndexedDataset, PromptConfig, RetrievalCollator, split_train_eval
+from ..data.sources import DataArguments
+from ..modeling_smolvlm_qformer import (
+    LORA_TARGET_MODULES,
+    SmolVLMQFormerForConditionalGeneration,
+    SmolVLMQFormerForImageTextRetrieval,
+)
+from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
+from .arguments import ModelArguments, SmolVLMTrainingArguments
+from .trainers import QFormerTrainer, VLMTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def build_stage1(model_args: ModelArguments) -> tuple[SmolVLMQFormerForImageTextRetrieval, SmolVLMQFormerProcessor]:
+    processor = SmolVLMQFormerProcessor.from_backbones(
+        model_args.vision_model, model_args.qformer_model, model_args.language_model, model_args.num_query_tokens
+    )
+    qformer_config = {"num_query_tokens": model_args.num_query_tokens, "losses": model_args.losses}
+    if model_args.loss_weights is not None:
+        qformer_config["loss_weights"] = model_args.loss_weights
+    model = SmolVLMQFormerForImageTextRetrieval.from_backbones(
+        vision=model_args.vision_model,
+        qformer=model_args.qformer_model,
+        qformer_config=qformer_config,
+        image_token_id=processor.image_token_id,
+    )
+    return model, processor
+
+
+def build_stage2(model_args: ModelArguments) -> tuple[PeftModel, SmolVLMQFormerProcessor]:
+    """The generation model from the stage-1 folder (or fresh backbones), wrapped for LoRA: the LM's attention
+    projections get LoRA, the Q-Former and adapter train in full, the rest is frozen."""
+    if model_args.stage1_model is not None:
+        processor = SmolVLMQFormerProcessor.from_pretrained(model_args.stage1_model)
+        model = SmolVLMQFormerForConditionalGeneration.from_backbones(
+            stage1=model_args.stage1_model,
+            language_model=model_args.language_model,
+            image_token_id=processor.image_token_id,
+        )
+    else:
+        processor = SmolVLMQFormerProcessor.from_backbones(
+            model_args.vision_model, model_args.qformer_model, model_args.language_model, model_args.num_query_tokens
+        )
+        model = SmolVLMQFormerForConditionalGeneration.from_backbones(
+            vision=model_args.vision_model,
+            qformer=model_args.qformer_model,
+            language_model=model_args.language_model,
+            qformer_config={"num_query_tokens": model_args.num_query_tokens},
+            image_token_id=processor.image_token_id,
+        )
+    model.config.default_prompt_ids = processor.default_prompt_ids
+    lora = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=LORA_TARGET_MODULES,
+        modules_to_save=["qformer", "adapter"],
+    )
+    return get_peft_model(model, lora), processor
+
+
+def _log_trainable(model) -> None:
+    groups: dict[str, list[int]] = {}
+    for name, param in model.named_parameters():
+        parts = ("lora_", "qformer", "adapter", "vision_model", "language_model")
+        part = next((p for p in parts if p in name), "other")
+        groups.setdefault(part, [0, 0])[0 if param.requires_grad else 1] += param.numel()
+    summary = ", ".join(f"{part} {t / 1e6:.2f}M trainable / {f / 1e6:.2f}M frozen" for part, (t, f) in groups.items())
+    logger.info("parameters: %s", summary)
+
+
+def _datasets(data_args: DataArguments, seed: int) -> tuple[IndexedDataset, IndexedDataset | None]:
+    """Train and eval sets; with `--feature_cache`, their rows carry cached vision features instead of images."""
+    train, evaluation = split_train_eval(data_args, seed)
+    if data_args.feature_cache is None:
+        return train, evaluation
+    root = Path(data_args.feature_cache)
+    train = IndexedDataset(train.dataset, FeatureCache(root / "train"))
+    if evaluation is not None:
+        evaluation = IndexedDataset(evaluation.dataset, FeatureCache(root / "eval"))
+    return train, evaluation
+
+
+def _train(trainer, training_args: SmolVLMTrainingArguments) -> dict[str, float]:
+    resume = training_args.resume_from_checkpoint
+    if resume == "auto":  # pick up the newest checkpoint in output_dir, if any
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = {**result.metrics, "train_skipped_samples": trainer.skipped_samples}
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("all", metrics)
+    if metrics["train_skipped_samples"]:
+        logger.warning("%d training samples were skipped (unreadable images)", metrics["train_skipped_samples"])
+    return metrics
+
+
+def train_qformer(
+    model_args: ModelArguments, data_args: DataArguments, training_args: SmolVLMTrainingArguments
+) -> dict[str, float]:
+    """Stage 1. Writes the retrieval model + processor to `output_dir`; returns the final metrics."""
+    model, processor = build_stage1(model_args)
+    _log_trainable(model)
+    train, evaluation = _datasets(data_args, training_args.seed)
+    trainer = QFormerTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=RetrievalCollator(processor, max_caption_tokens=data_args.max_caption_tokens),
+    )
+    metrics = _train(trainer, training_args)
+    trainer.save_model(training_args.output_dir)
+    processor.save_pretrained(training_args.output_dir)
+    return metrics
+
+
+def train_vlm(
+    model_args: ModelArguments, data_args: DataArguments, training_args: SmolVLMTrainingArguments
+) -> dict[str, float]:
+    """Stage 2. Writes the merged model + processor to `output_dir` and the unmerged adapter to `output_dir/adapter`;
+    returns the final metrics."""
+    model, processor = build_stage2(model_args)
+    _log_trainable(model)
+    train, evaluation = _datasets(data_args, training_args.seed)
+    prompts = PromptConfig.from_json(data_args.prompts_file) if data_args.prompts_file else PromptConfig()
+    collator = ChatCollator(
+        processor, prompts=prompts, seed=training_args.seed, max_answer_tokens=data_args.max_answer_tokens
+    )
+    trainer = VLMTrainer(
+        model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator
+    )
+    metrics = _train(trainer, training_args)
+    if trainer.is_world_process_zero():
+        save_stage2(trainer.model, processor, training_args.output_dir)
+    return metrics
+
+
+def save_stage2(model: PeftModel, processor: SmolVLMQFormerProcessor, output_dir: str | os.PathLike) -> None:
+    """The unmerged adapter to `output_dir/adapter`, then the LoRA-merged model and the processor to `output_dir`:
+    a plain folder that loads with the Auto classes."""
+    model.save_pretrained(Path(output_dir) / "adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)

@@ -1,0 +1,157 @@
+"""The two stages as stock `transformers.Trainer` subclasses: they override only what differs.
+
+Both count the samples the collators skipped (unreadable images), optimise with per-group learning rates and
+evaluate through Trainer's own loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import EvalPrediction, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+class _SmolVLMTrainer(Trainer):
+    """What both stages share: skipped-sample counting, per-group learning rates, extra training metrics."""
+
+    new_parameters: re.Pattern  # parameters that start from scratch and train at `new_parts_learning_rate`
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped_samples = 0
+        self._metric_sums: dict[str, float] = defaultdict(float)
+        self._metric_steps = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        skipped = int(inputs.pop("num_skipped", 0))
+        if model.training:
+            self.skipped_samples += skipped
+        if "input_ids" not in inputs:  # every row of the batch was unreadable: a zero step, not a crash
+            loss = sum(p.flatten()[0] for p in model.parameters() if p.requires_grad) * 0.0
+            return (loss, None) if return_outputs else loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _accumulate(self, **metrics: float) -> None:
+        for name, value in metrics.items():
+            self._metric_sums[name] += value
+        self._metric_steps += 1
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Adds the training metrics averaged since the last log, and the running count of skipped samples."""
+        if "loss" in logs:
+            for name, total in self._metric_sums.items():
+                logs[name] = round(total / max(self._metric_steps, 1), 4)
+            self._metric_sums.clear()
+            self._metric_steps = 0
+            logs["skipped_samples"] = self.skipped_samples
+        super().log(logs, *args, **kwargs)
+
+    def create_optimizer(self, model: nn.Module | None = None):
+        """AdamW (or `args.optim`) over four groups: {pretrained, new} x {decay, no decay on norms and biases}."""
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model if model is not None else self.model
+        decay = set(self.get_decay_parameter_names(model))
+        base_lr = self.args.learning_rate
+        new_lr = self.args.new_parts_learning_rate or 5 * base_lr
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                groups[(bool(self.new_parameters.search(name)), name in decay)].append(param)
+        param_groups = [
+            {"params": params, "lr": new_lr if is_new else base_lr, "weight_decay": self.args.weight_decay * has_decay}
+            for (is_new, has_decay), params in sorted(groups.items())
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        sizes = {
+            f"{'new' if is_new else 'pretrained'}{'' if has_decay else ' (no decay)'}": sum(p.numel() for p in params)
+            for (is_new, has_decay), params in sorted(groups.items())
+        }
+        logger.info("optimizer groups (trainable parameters): %s; lr %.2e / new parts %.2e", sizes, base_lr, new_lr)
+        return self.optimizer
+
+
+def retrieval_accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    """In-batch retrieval accuracy from the argmax of each image's texts and each text's images."""
+    predicted, targets = prediction.predictions, prediction.label_ids
+    return {
+        "image_to_text_accuracy": float(np.mean(predicted[:, 0] == targets)),
+        "text_to_image_accuracy": float(np.mean(predicted[:, 1] == targets)),
+    }
+
+
+class QFormerTrainer(_SmolVLMTrainer):
+    """Stage 1: align the Q-Former with image-text contrastive (and optionally matching / generation) losses.
+
+    Logs each loss, the temperature and the in-batch image-to-text accuracy; evaluates the loss and in-batch
+    retrieval accuracy both ways.
+    """
+
+    new_parameters = re.compile(r"query_tokens|crossattention|vision_proj|text_proj|itm_head|itg_head|temperature")
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("compute_metrics", retrieval_accuracy)
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        if model.training and outputs is not None:
+            logits = outputs.logits_per_image.detach()
+            hits = logits.argmax(dim=1) == torch.arange(len(logits), device=logits.device)
+            metrics = {
+                f"loss_{n}": getattr(outputs, f"loss_{n}").item()
+                for n in ("itc", "itm", "itg")
+                if getattr(outputs, f"loss_{n}") is not None
+            }
+            self._accumulate(
+                **metrics, temperature=outputs.temperature.item(), batch_i2t_accuracy=hits.float().mean().item()
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only or outputs is None:
+            return loss.detach(), None, None
+        logits = outputs.logits_per_image
+        predicted = torch.stack([logits.argmax(dim=1), logits.argmax(dim=0)], dim=1)
+        return loss.detach(), predicted, torch.arange(len(logits), device=logits.device)
+
+
+def answer_accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    """Teacher-forced answer accuracy: a sample counts when every answer token (and the end of turn) is the
+    argmax, which is exactly when greedy decoding reproduces the answer."""
+    predicted, labels = prediction.predictions[:, :-1], prediction.label_ids[:, 1:]
+    answer = labels != -100
+    correct = (predicted == labels) | ~answer
+    return {
+        "answer_accuracy": float(np.mean(correct.all(axis=1)[answer.any(axis=1)])),
+        "answer_token_accuracy": float(np.mean((predicted == labels)[answer])),
+    }
+
+
+def _argmax_logits(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
+    return (logits[0] if isinstance(logits, tuple) else logits).argmax(dim=-1)
+
+
+class VLMTrainer(_SmolVLMTrainer):
+    """Stage 2: Q-Former + MLP adapter + LoRA on the LM loss (answer tokens only); vision and base LM frozen.
+
+    Evaluates the LM loss and answer accuracy.
+    """
+
+    new_parameters = re.compile(r"\.adapter\.|lora_")
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("compute_metrics", answer_accuracy)
+        kwargs.setdefault("preprocess_logits_for_metrics", _argmax_logits)
+        super().__init__(*args, **kwargs)
