@@ -129,10 +129,13 @@ def tiny_config(processor: SmolVLMQFormerProcessor | None = None, **qformer_kwar
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 256,
+            # Wide enough that the frozen, tied embeddings allow confident logits (as a pretrained LM's do).
+            "initializer_range": 0.5,
             "tie_word_embeddings": True,
             "bos_token_id": processor.tokenizer.bos_token_id,
             "eos_token_id": processor.tokenizer.eos_token_id,
-            "pad_token_id": processor.tokenizer.pad_token_id,
+            # no padding_idx: it would zero <|im_end|>'s (tied) embedding, which a pretrained LM has learned
+            "pad_token_id": None,
         },
         image_token_id=processor.image_token_id,
         default_prompt_ids=processor.default_prompt_ids,

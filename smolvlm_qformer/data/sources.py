@@ -54,7 +54,7 @@ class IndexedDataset:
     """A map-style dataset whose rows also carry their position (the key of the feature cache and of the per-sample
     prompt draw) and, given a feature cache, the sample's cached vision features in place of its image."""
 
-    def __init__(self, dataset: datasets.Dataset, feature_cache: FeatureCache | None = None):
+    def __init__(self, dataset: datasets.Dataset, feature_cache: FeatureCache | None = None, empty_text_rows: int = 0):
         if feature_cache is not None:
             if len(feature_cache) != len(dataset):
                 raise ValueError(
@@ -64,6 +64,7 @@ class IndexedDataset:
             dataset = dataset.remove_columns("image")  # not read at all: the cache replaces it
         self.dataset = dataset
         self.feature_cache = feature_cache
+        self.empty_text_rows = empty_text_rows  # rows dropped at load for an empty caption / answer
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -89,13 +90,16 @@ def load_image_text_dataset(args: DataArguments, split: str) -> IndexedDataset |
     )
     dataset = _canonical_columns(dataset, args)
     text_columns = [c for c in ("caption", "answer") if c in dataset.column_names]
+    loaded = dataset
     dataset = dataset.filter(lambda row: all(isinstance(row[c], str) and row[c].strip() for c in text_columns))
-    if args.max_samples is not None:
-        dataset = dataset.take(args.max_samples) if args.streaming else _first(dataset, args.max_samples)
     if args.streaming:
+        dataset = dataset.take(args.max_samples) if args.max_samples is not None else dataset
         return dataset.map(lambda row, index: {**row, "sample_index": index}, with_indices=True)
-    logger.info("%s[%s]: %d image-text rows", args.dataset, split, len(dataset))
-    return IndexedDataset(dataset)
+    empty = len(loaded) - len(dataset)
+    if args.max_samples is not None:
+        dataset = _first(dataset, args.max_samples)
+    logger.info("%s[%s]: %d image-text rows (%d with empty text dropped)", args.dataset, split, len(dataset), empty)
+    return IndexedDataset(dataset, empty_text_rows=empty)
 
 
 def split_train_eval(
@@ -109,7 +113,10 @@ def split_train_eval(
         return train, None
     else:
         parts = train.dataset.train_test_split(test_size=args.eval_fraction, seed=seed)
-        train, evaluation = IndexedDataset(parts["train"]), IndexedDataset(parts["test"])
+        train, evaluation = (
+            IndexedDataset(parts["train"], empty_text_rows=train.empty_text_rows),
+            IndexedDataset(parts["test"]),
+        )
     if args.max_eval_samples is not None and not args.streaming:
         evaluation = IndexedDataset(_first(evaluation.dataset, args.max_eval_samples))
     return train, evaluation

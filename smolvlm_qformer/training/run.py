@@ -86,7 +86,7 @@ def _datasets(data_args: DataArguments, seed: int) -> tuple[IndexedDataset, Inde
     if data_args.feature_cache is None:
         return train, evaluation
     root = Path(data_args.feature_cache)
-    train = IndexedDataset(train.dataset, FeatureCache(root / "train"))
+    train = IndexedDataset(train.dataset, FeatureCache(root / "train"), train.empty_text_rows)
     if evaluation is not None:
         evaluation = IndexedDataset(evaluation.dataset, FeatureCache(root / "eval"))
     return train, evaluation
@@ -99,7 +99,11 @@ def _train(trainer, training_args: SmolVLMTrainingArguments) -> dict[str, float]
 
         resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
     result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {**result.metrics, "train_skipped_samples": trainer.skipped_samples}
+    metrics = {
+        **result.metrics,
+        "train_skipped_samples": trainer.skipped_samples,
+        "train_empty_text_rows": getattr(trainer.train_dataset, "empty_text_rows", 0),
+    }
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     trainer.log_metrics("train", metrics)

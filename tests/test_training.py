@@ -1,0 +1,289 @@
+"""Both training stages on generated coloured-shape data with tiny backbones: they learn, mask labels right,
+train only what they should, resume exactly, read the feature cache, and skip bad rows."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, TrainerCallback
+
+from smolvlm_qformer.data import (
+    ChatCollator,
+    DataArguments,
+    IndexedDataset,
+    PromptConfig,
+    RetrievalCollator,
+    build_feature_cache,
+    decode_image,
+    split_train_eval,
+)
+from smolvlm_qformer.testing_utils import make_shapes_dataset, save_tiny_backbones
+from smolvlm_qformer.training import (
+    ModelArguments,
+    QFormerTrainer,
+    SmolVLMTrainingArguments,
+    VLMTrainer,
+    build_stage1,
+    build_stage2,
+    save_stage2,
+    train_qformer,
+)
+
+CHANCE = 1 / 12  # 4 colours x 3 shapes
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory, processor):
+    return save_tiny_backbones(tmp_path_factory.mktemp("backbones"), processor)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return str(make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 96))
+
+
+def _model_args(backbones, **kwargs) -> ModelArguments:
+    return ModelArguments(
+        vision_model=backbones["vision"],
+        qformer_model=backbones["qformer"],
+        language_model=backbones["language_model"],
+        num_query_tokens=4,
+        **kwargs,
+    )
+
+
+def _caption_data(shapes, **kwargs) -> DataArguments:
+    return DataArguments(dataset="imagefolder", data_dir=shapes, eval_fraction=0.25, **kwargs)
+
+
+def _vqa_data(shapes, **kwargs) -> DataArguments:
+    return _caption_data(shapes, caption_column=None, question_column="question", answer_column="answer", **kwargs)
+
+
+def _training_args(output_dir, **kwargs) -> SmolVLMTrainingArguments:
+    defaults = dict(
+        per_device_train_batch_size=12,
+        per_device_eval_batch_size=12,
+        learning_rate=2e-3,
+        warmup_steps=5,
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return SmolVLMTrainingArguments(output_dir=str(output_dir), **{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, backbones, shapes):
+    """Stage 1 trained through its entry point; returns (output folder, metrics before, metrics after)."""
+    output_dir = tmp_path_factory.mktemp("stage1")
+    model, processor = build_stage1(_model_args(backbones))
+    train, evaluation = split_train_eval(_caption_data(shapes), seed=42)
+    untrained = QFormerTrainer(
+        model=model,
+        args=_training_args(output_dir / "untrained"),
+        eval_dataset=evaluation,
+        data_collator=RetrievalCollator(processor),
+    )
+    before = untrained.evaluate()
+    after = train_qformer(
+        _model_args(backbones), _caption_data(shapes), _training_args(output_dir, num_train_epochs=30)
+    )
+    return output_dir, before, after
+
+
+def test_stage1_lowers_itc_loss_and_retrieves_held_out_pairs(stage1):
+    output_dir, before, after = stage1
+    assert after["eval_loss"] < before["eval_loss"] - 0.5
+    assert after["eval_image_to_text_accuracy"] >= 3 * CHANCE
+    assert after["eval_text_to_image_accuracy"] >= 3 * CHANCE
+    assert after["train_skipped_samples"] == 0
+    assert (output_dir / "model.safetensors").exists() and (output_dir / "processor_config.json").exists()
+
+
+def _greedy_matches(model, processor, rows) -> int:
+    matches = 0
+    for row in rows:
+        inputs = processor(images=decode_image(row["image"]), text=row["question"])
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        answer = processor.decode(generated[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+        matches += answer.strip() == row["answer"]
+    return matches
+
+
+def test_stage2_learns_answers_and_saves_a_folder_that_loads(stage1, backbones, shapes, tmp_path):
+    model_args = ModelArguments(
+        stage1_model=str(stage1[0]), language_model=backbones["language_model"], lora_r=8, lora_alpha=16
+    )
+    model, processor = build_stage2(model_args)
+    train, evaluation = split_train_eval(_vqa_data(shapes), seed=42)
+    args = _training_args(
+        tmp_path,
+        num_train_epochs=40,
+        learning_rate=5e-3,
+        logging_steps=10,
+        eval_strategy="steps",
+        eval_steps=80,
+        save_strategy="steps",
+        save_steps=80,
+        load_best_model_at_end=True,
+    )
+    trainer = VLMTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=ChatCollator(processor)
+    )
+    rows = [train[i] for i in range(12)]
+    before, greedy_before = trainer.evaluate(), _greedy_matches(trainer.model, processor, rows)
+    trainer.train()
+    after, greedy_after = trainer.evaluate(), _greedy_matches(trainer.model, processor, rows)
+
+    assert after["eval_loss"] < before["eval_loss"] / 4
+    assert after["eval_answer_accuracy"] >= before["eval_answer_accuracy"] + 0.4
+    assert greedy_after > greedy_before + 4
+
+    save_stage2(trainer.model, processor, tmp_path / "final")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "final", trust_remote_code=True).eval()
+    assert _greedy_matches(reloaded, processor, rows) == greedy_after
+    assert (tmp_path / "final" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("vqa", [False, True])
+def test_labels_cover_exactly_the_answer_and_end_of_turn_for_every_prompt(processor, shapes, vqa):
+    data = (_vqa_data if vqa else _caption_data)(shapes)
+    train, _ = split_train_eval(data, seed=42)
+    prompts = PromptConfig()
+    collator = ChatCollator(processor, prompts=prompts)
+    row = train[0]
+    seen = set()
+    for sample_index in range(200):  # enough draws to meet every system x caption prompt pair
+        batch = collator([{**row, "sample_index": sample_index}])
+        seen.add(prompts.draw(0, sample_index))
+        labels = batch["labels"][0]
+        answer_tokens = labels[labels != -100]
+        expected = (row["answer"] if vqa else row["caption"]) + "<|im_end|>"
+        assert processor.tokenizer.decode(answer_tokens) == expected
+        first_answer = int((labels != -100).nonzero()[0])
+        assert (batch["input_ids"][0, first_answer:][: len(answer_tokens)] == answer_tokens).all()
+    if not vqa:
+        assert len(seen) == len(prompts.system_prompts) * len(prompts.caption_prompts)
+
+
+def test_stage2_changes_only_qformer_adapter_and_lora(backbones, shapes, processor, tmp_path):
+    model, processor = build_stage2(_model_args(backbones, lora_r=4, lora_alpha=8))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train, _ = split_train_eval(_vqa_data(shapes), seed=42)
+    trainer = VLMTrainer(
+        model=model,
+        args=_training_args(tmp_path, max_steps=3),
+        train_dataset=train,
+        data_collator=ChatCollator(processor),
+    )
+    trainer.train()
+    changed = {name for name, param in model.named_parameters() if not torch.equal(param, before[name])}
+    frozen = {n for n in before if "vision_model" in n or ("language_model" in n and "lora_" not in n)}
+    assert not changed & frozen, "frozen weights changed"
+    assert all(model.get_parameter(name).requires_grad for name in changed)
+    for part in ("qformer.modules_to_save.default.query_tokens", "crossattention", "adapter", "lora_B"):
+        assert any(part in name for name in changed), f"no {part} weight was trained"
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _losses(trainer):
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resuming_after_a_stop_gives_the_uninterrupted_losses(backbones, shapes, tmp_path, stage):
+    def trainer(output_dir, callbacks=()):
+        torch.manual_seed(0)  # the same fresh weights each time, as a rerun of the same script would build
+        if stage == 1:
+            model, processor = build_stage1(_model_args(backbones))
+            data, collator_cls, trainer_cls = _caption_data(shapes), RetrievalCollator, QFormerTrainer
+        else:
+            model, processor = build_stage2(_model_args(backbones, lora_r=4, lora_alpha=8))
+            data, collator_cls, trainer_cls = _vqa_data(shapes), ChatCollator, VLMTrainer
+        train, _ = split_train_eval(data, seed=42)
+        args = _training_args(output_dir, max_steps=8, save_strategy="steps", save_steps=4)
+        return trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=train,
+            data_collator=collator_cls(processor),
+            callbacks=list(callbacks),
+        )
+
+    uninterrupted = trainer(tmp_path / "a")
+    uninterrupted.train()
+    interrupted = trainer(tmp_path / "b", callbacks=[_StopAt(4)])
+    interrupted.train()
+    assert max(_losses(interrupted)) == 4
+    resumed = trainer(tmp_path / "b")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-4"))
+    expected, actual = _losses(uninterrupted), _losses(resumed)
+    assert sorted(actual) == list(range(1, 9))  # 1-4 restored from the checkpoint's state, 5-8 trained again
+    for step in actual:
+        assert actual[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+
+
+def test_training_from_the_feature_cache_gives_the_same_losses(backbones, shapes, tmp_path):
+    model, processor = build_stage1(_model_args(backbones))
+    train, _ = split_train_eval(_caption_data(shapes), seed=42)
+    cache = build_feature_cache(model.vision_model, processor.image_processor, train, tmp_path / "cache", shard_size=16)
+    pixels = processor.image_processor([decode_image(train[i]["image"]) for i in range(3)], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.vision_model(**pixels).last_hidden_state
+    torch.testing.assert_close(cache.get([0, 1, 2])[0].float(), expected, atol=2e-3, rtol=1e-3)
+
+    def losses(dataset, output_dir):
+        torch.manual_seed(0)
+        fresh, _ = build_stage1(_model_args(backbones))
+        trainer = QFormerTrainer(
+            model=fresh,
+            args=_training_args(output_dir, max_steps=5),
+            train_dataset=dataset,
+            data_collator=RetrievalCollator(processor),
+        )
+        trainer.train()
+        return list(_losses(trainer).values())
+
+    from_images = losses(train, tmp_path / "images")
+    from_cache = losses(IndexedDataset(train.dataset, cache), tmp_path / "cached")
+    assert from_cache == pytest.approx(from_images, rel=1e-3, abs=1e-3)
+
+
+def test_a_rebuild_keeps_finished_shards(backbones, shapes, tmp_path):
+    model, processor = build_stage1(_model_args(backbones))
+    train, _ = split_train_eval(_caption_data(shapes), seed=42)
+    folder = tmp_path / "cache"
+    build_feature_cache(model.vision_model, processor.image_processor, train, folder, shard_size=16)
+    first = folder / "shard_00000.npy"
+    mtime = first.stat().st_mtime_ns
+    (folder / "shard_00001.npy").unlink()  # as if the build had died before this shard
+    build_feature_cache(model.vision_model, processor.image_processor, train, folder, shard_size=16)
+    assert first.stat().st_mtime_ns == mtime and (folder / "shard_00001.npy").exists()
+
+
+def test_corrupt_images_and_empty_captions_are_skipped_and_counted(backbones, shapes, tmp_path):
+    folder = make_shapes_dataset(tmp_path / "messy", 24)
+    (folder / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    rows[5]["caption"] = "   "
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    metrics = train_qformer(
+        _model_args(backbones),
+        DataArguments(dataset="imagefolder", data_dir=str(folder), eval_fraction=0),
+        _training_args(tmp_path / "out", num_train_epochs=2, per_device_train_batch_size=4),
+    )
+    assert metrics["train_skipped_samples"] == 2  # the corrupt image, once per epoch
+    assert metrics["train_empty_text_rows"] == 1
