@@ -1,0 +1,139 @@
+"""Image-text retrieval evaluation of the stage-1 model: R@K both ways, from ITC scores, optionally ITM re-ranked.
+
+As in LAVIS' BLIP-2: images and texts are embedded once each, every image is scored against every text with the
+best-matching query (`image_text_similarity`), and with `itm_top_k` the top-k candidates of each image and of each
+text are re-scored with the ITM head (ITM positive logit + ITC score; candidates outside the top-k get -inf).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..modeling_smolvlm_qformer import SmolVLMQFormerForImageTextRetrieval, image_text_similarity
+from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
+
+
+def retrieval_recall_at_k(
+    similarity: torch.Tensor,
+    text_to_image: Sequence[int] | torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    text_to_image_similarity: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Image-to-text and text-to-image recall at each k, as fractions, plus their mean (`mean_recall`).
+
+    Args:
+        similarity: (num_images, num_texts) scores; each image ranks the texts by its row.
+        text_to_image: the image of each text; an image's positives are all its texts.
+        ks: the cut-offs.
+        text_to_image_similarity: (num_images, num_texts) scores each text ranks the images by (its column), when they
+            differ from `similarity` (ITM re-ranking re-scores each direction's own top-k).
+
+    A query's rank is the number of wrong candidates scoring at least as high as its best right one: ties count
+    against the model, so a constant score does not get perfect recall.
+    """
+    text_to_image = torch.as_tensor(text_to_image, device=similarity.device)
+    positives = text_to_image.unsqueeze(0) == torch.arange(similarity.shape[0], device=similarity.device).unsqueeze(1)
+    t2i = similarity if text_to_image_similarity is None else text_to_image_similarity
+
+    best_text = similarity.masked_fill(~positives, float("-inf")).amax(dim=1, keepdim=True)
+    image_ranks = ((similarity >= best_text) & ~positives).sum(dim=1)
+    best_image = t2i.masked_fill(~positives, float("-inf")).amax(dim=0, keepdim=True)
+    text_ranks = ((t2i >= best_image) & ~positives).sum(dim=0)
+
+    results = {f"image_to_text_r{k}": (image_ranks < k).sum().item() / len(image_ranks) for k in ks}
+    results |= {f"text_to_image_r{k}": (text_ranks < k).sum().item() / len(text_ranks) for k in ks}
+    results["mean_recall"] = sum(results.values()) / len(results)
+    return results
+
+
+@dataclass
+class RetrievalScores:
+    """(num_images, num_texts) scores each image ranks the texts by, and each text ranks the images by (the same
+    tensor without ITM re-ranking)."""
+
+    image_to_text: torch.Tensor
+    text_to_image: torch.Tensor
+
+
+def itm_scores(
+    model: SmolVLMQFormerForImageTextRetrieval,
+    image_embeds: torch.Tensor,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """(B,) ITM positive-class logits of B (image, text) pairs, the head averaged over the query outputs as in
+    `matching_loss`."""
+    query_output = model.qformer(image_embeds, input_ids, attention_mask, mode="bidirectional").query_output
+    return model.itm_head(query_output).mean(dim=1)[:, 1].float()
+
+
+@torch.no_grad()
+def retrieval_scores(
+    model: SmolVLMQFormerForImageTextRetrieval,
+    processor: SmolVLMQFormerProcessor,
+    images: Sequence[Any],
+    texts: Sequence[str],
+    batch_size: int = 64,
+    itm_top_k: int | None = None,
+    max_length: int = 32,
+) -> RetrievalScores:
+    """Scores every image against every text with the ITC similarity, images and texts each embedded once in
+    batches; with `itm_top_k`, each direction's top-k re-ranked by ITM (pick k >= the largest recall cut-off).
+
+    Without ITM only (B, Q, E) image features live at a time; with it, the vision encoder's outputs for all images
+    are kept on the model's device.
+    """
+    device = model.device
+    text_inputs = processor.retrieval_inputs(text=list(texts), max_length=max_length).to(device)
+    text_feats = torch.cat(
+        [
+            model.get_text_features(
+                text_inputs.input_ids[i : i + batch_size], text_inputs.attention_mask[i : i + batch_size]
+            )
+            for i in range(0, len(texts), batch_size)
+        ]
+    )
+    rows, vision_outputs = [], []
+    for start in range(0, len(images), batch_size):
+        pixel_values = processor.retrieval_inputs(images=list(images[start : start + batch_size])).pixel_values
+        image_embeds = model.get_image_embeds(pixel_values.to(device), None)
+        rows.append(image_text_similarity(model.get_image_features(image_embeds=image_embeds), text_feats).float())
+        if itm_top_k is not None:
+            vision_outputs.append(image_embeds)
+    similarity = torch.cat(rows)
+    if itm_top_k is None:
+        return RetrievalScores(image_to_text=similarity.cpu(), text_to_image=similarity.cpu())
+
+    image_embeds = torch.cat(vision_outputs)
+    ids, mask = text_inputs.input_ids, text_inputs.attention_mask
+    image_to_text = torch.full_like(similarity, float("-inf"))
+    for i in range(similarity.shape[0]):
+        top_sim, top = similarity[i].topk(min(itm_top_k, similarity.shape[1]))
+        pair_images = image_embeds[i : i + 1].expand(len(top), -1, -1)
+        image_to_text[i, top] = top_sim + itm_scores(model, pair_images, ids[top], mask[top])
+    text_to_image = torch.full_like(similarity, float("-inf"))
+    for t in range(similarity.shape[1]):
+        top_sim, top = similarity[:, t].topk(min(itm_top_k, similarity.shape[0]))
+        pair_ids, pair_mask = ids[t : t + 1].expand(len(top), -1), mask[t : t + 1].expand(len(top), -1)
+        text_to_image[top, t] = top_sim + itm_scores(model, image_embeds[top], pair_ids, pair_mask)
+    return RetrievalScores(image_to_text=image_to_text.cpu(), text_to_image=text_to_image.cpu())
+
+
+def evaluate_retrieval(
+    model: SmolVLMQFormerForImageTextRetrieval,
+    processor: SmolVLMQFormerProcessor,
+    images: Sequence[Any],
+    captions: Sequence[Sequence[str]],
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 64,
+    itm_top_k: int | None = None,
+) -> dict[str, float]:
+    """R@K both ways over a test set given as images and the captions of each image (e.g. COCO's 5 per image)."""
+    texts = [caption for image_captions in captions for caption in image_captions]
+    text_to_image = [i for i, image_captions in enumerate(captions) for _ in image_captions]
+    scores = retrieval_scores(model, processor, images, texts, batch_size=batch_size, itm_top_k=itm_top_k)
+    return retrieval_recall_at_k(scores.image_to_text, text_to_image, ks, scores.text_to_image)
