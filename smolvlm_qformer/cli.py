@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from transformers import HfArgumentParser
 
 from .data import DataArguments
@@ -31,25 +32,28 @@ class CacheArguments:
     """Must equal the training run's `--seed`: it decides the train/eval split the cache is built for."""
 
 
-def _parse(dataclasses: tuple, argv: list[str]) -> tuple:
+def parse_arguments(dataclasses: tuple, argv: list[str] | None, defaults: dict | None = None) -> tuple:
+    """`--flags`, or one YAML / JSON file, into the dataclasses; `defaults` replace the dataclasses' own."""
     parser = HfArgumentParser(dataclasses)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        with open(argv[0], encoding="utf-8") as f:
+            values = yaml.safe_load(f)  # JSON is YAML
+        return parser.parse_dict({**(defaults or {}), **values})
+    parser.set_defaults(**(defaults or {}))
     return parser.parse_args_into_dataclasses(argv)
 
 
 def train_qformer_command(argv: list[str]) -> None:
     from .training import ModelArguments, SmolVLMTrainingArguments, train_qformer
 
-    train_qformer(*_parse((ModelArguments, DataArguments, SmolVLMTrainingArguments), argv))
+    train_qformer(*parse_arguments((ModelArguments, DataArguments, SmolVLMTrainingArguments), argv))
 
 
 def train_vlm_command(argv: list[str]) -> None:
     from .training import ModelArguments, SmolVLMTrainingArguments, train_vlm
 
-    train_vlm(*_parse((ModelArguments, DataArguments, SmolVLMTrainingArguments), argv))
+    train_vlm(*parse_arguments((ModelArguments, DataArguments, SmolVLMTrainingArguments), argv))
 
 
 def cache_features_command(argv: list[str]) -> None:
@@ -59,7 +63,7 @@ def cache_features_command(argv: list[str]) -> None:
     from .data import build_feature_cache, split_train_eval
     from .training import ModelArguments
 
-    model_args, data_args, cache_args = _parse((ModelArguments, DataArguments, CacheArguments), argv)
+    model_args, data_args, cache_args = parse_arguments((ModelArguments, DataArguments, CacheArguments), argv)
     if model_args.stage1_model is not None:
         from .modeling_smolvlm_qformer import SmolVLMQFormerForImageTextRetrieval
 

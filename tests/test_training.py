@@ -287,3 +287,22 @@ def test_corrupt_images_and_empty_captions_are_skipped_and_counted(backbones, sh
     )
     assert metrics["train_skipped_samples"] == 2  # the corrupt image, once per epoch
     assert metrics["train_empty_text_rows"] == 1
+
+
+def test_optimizer_groups_give_new_parts_their_rate_and_no_decay_to_norms_and_biases(backbones, tmp_path):
+    model, processor = build_stage1(_model_args(backbones))
+    args = _training_args(tmp_path, learning_rate=1e-4, new_parts_learning_rate=1e-3, weight_decay=0.1)
+    trainer = QFormerTrainer(model=model, args=args, data_collator=RetrievalCollator(processor))
+    optimizer = trainer.create_optimizer()
+    settings = {
+        id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]
+    }
+    named = dict(model.named_parameters())
+    layer = "qformer.transformer.layer.0"
+    assert settings[id(named["qformer.query_tokens"])] == (1e-3, 0.1)
+    assert settings[id(named[f"{layer}.attention.q_lin.weight"])] == (1e-4, 0.1)
+    assert settings[id(named[f"{layer}.crossattention.q_lin.weight"])] == (1e-3, 0.1)
+    assert settings[id(named[f"{layer}.sa_layer_norm.weight"])] == (1e-4, 0.0)
+    assert settings[id(named["vision_proj.bias"])] == (1e-3, 0.0)
+    assert settings[id(named["temperature"])] == (1e-3, 0.0)
+    assert not any(id(p) in settings for name, p in named.items() if name.startswith("vision_model"))

@@ -54,7 +54,8 @@ class _SmolVLMTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None):
-        """AdamW (or `args.optim`) over four groups: {pretrained, new} x {decay, no decay on norms and biases}."""
+        """AdamW (or `args.optim`) over four groups: {pretrained, new} x {decay, no decay on norms, biases and the
+        temperature}."""
         if self.optimizer is not None:
             return self.optimizer
         model = model if model is not None else self.model
@@ -64,7 +65,8 @@ class _SmolVLMTrainer(Trainer):
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
         for name, param in model.named_parameters():
             if param.requires_grad:
-                groups[(bool(self.new_parameters.search(name)), name in decay)].append(param)
+                has_decay = name in decay and param.ndim > 1  # never on norms, biases or the temperature
+                groups[(bool(self.new_parameters.search(name)), has_decay)].append(param)
         param_groups = [
             {"params": params, "lr": new_lr if is_new else base_lr, "weight_decay": self.args.weight_decay * has_decay}
             for (is_new, has_decay), params in sorted(groups.items())
