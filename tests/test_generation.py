@@ -6,6 +6,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from smolvlm_qformer import LORA_TARGET_MODULES, SmolVLMQFormerForConditionalGeneration
+from smolvlm_qformer.testing_utils import tiny_config
 
 QUESTIONS = ["What colour is the shape?", "What shape?"]
 
@@ -107,3 +108,41 @@ def test_captioning_from_an_image_alone_uses_the_default_prompt(model, processor
     caption = model.generate(pixel_values=batch.pixel_values, max_new_tokens=4, do_sample=False)
     assert batch.input_ids[0].tolist() == model.config.default_prompt_ids
     assert caption.tolist() == full[:, batch.input_ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize(
+    "vision_config",
+    [
+        {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "image_size": 32, "patch_size": 8, "mlp_ratio": 2},
+        {"model_type": "siglip_vision_model", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+        {"model_type": "clip_vision_model", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+    ],
+    ids=["dinov2", "siglip", "clip"],
+)  # fmt: skip
+def test_any_vision_encoder_works(processor, images, vision_config):
+    config = tiny_config(processor)
+    config = type(config)(
+        vision_config=vision_config,
+        qformer_config=config.qformer_config.to_dict(),
+        text_config=config.text_config,
+        image_token_id=config.image_token_id,
+    )
+    assert config.qformer_config.encoder_hidden_size == 32
+    model = SmolVLMQFormerForConditionalGeneration(config).eval()
+    batch = processor(images=images[:2], text=QUESTIONS)
+    assert model(**batch).logits.shape[:2] == batch.input_ids.shape
+    assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[1] == batch.input_ids.shape[1] + 2
+
+
+def test_default_lora_on_smollm2_shapes_is_about_eight_million_parameters():
+    from smolvlm_qformer import SmolVLMQFormerConfig
+
+    with torch.device("meta"):
+        model = SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerConfig())
+    peft_model = get_peft_model(model, LoraConfig(r=64, target_modules=LORA_TARGET_MODULES))
+    lora = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
+    assert lora == 30 * 64 * ((576 + 576) * 2 + (576 + 192) * 2)  # q, o: 576->576; k, v: 576->192
+    assert 7.3e6 < lora < 7.5e6

@@ -306,3 +306,16 @@ def test_optimizer_groups_give_new_parts_their_rate_and_no_decay_to_norms_and_bi
     assert settings[id(named["vision_proj.bias"])] == (1e-3, 0.0)
     assert settings[id(named["temperature"])] == (1e-3, 0.0)
     assert not any(id(p) in settings for name, p in named.items() if name.startswith("vision_model"))
+
+
+def test_streaming_data_and_gradient_checkpointing(backbones, shapes, tmp_path):
+    metrics = train_qformer(
+        _model_args(backbones),
+        _caption_data(shapes, streaming=True, max_samples=40),
+        _training_args(tmp_path, max_steps=3, gradient_checkpointing=True),
+    )
+    assert metrics["train_loss"] > 0 and metrics["train_skipped_samples"] == 0
+    model, processor = build_stage2(_model_args(backbones, lora_r=4, lora_alpha=8))
+    train, _ = split_train_eval(_vqa_data(shapes), seed=42)
+    args = _training_args(tmp_path / "vlm", max_steps=2, gradient_checkpointing=True)
+    VLMTrainer(model=model, args=args, train_dataset=train, data_collator=ChatCollator(processor)).train()

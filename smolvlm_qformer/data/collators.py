@@ -48,7 +48,7 @@ class RetrievalCollator(_ImageCollator):
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         kept, batch = self._image_inputs(rows)
-        batch["num_skipped"] = torch.tensor(len(rows) - len(kept))
+        batch["num_skipped"] = torch.tensor([len(rows) - len(kept)])  # 1-d: batches may be concatenated
         if kept:
             text = self.processor.qformer_tokenizer(
                 [row["caption"] for row in kept],
@@ -77,7 +77,7 @@ class ChatCollator(_ImageCollator):
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         kept, batch = self._image_inputs(rows)
-        batch["num_skipped"] = torch.tensor(len(rows) - len(kept))
+        batch["num_skipped"] = torch.tensor([len(rows) - len(kept)])  # 1-d: batches may be concatenated
         if not kept:
             return batch
         tokenizer = self.processor.tokenizer

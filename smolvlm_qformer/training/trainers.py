@@ -30,7 +30,7 @@ class _SmolVLMTrainer(Trainer):
         self._metric_steps = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        skipped = int(inputs.pop("num_skipped", 0))
+        skipped = int(inputs.pop("num_skipped", torch.zeros(1)).sum())
         if model.training:
             self.skipped_samples += skipped
         if "input_ids" not in inputs:  # every row of the batch was unreadable: a zero step, not a crash
