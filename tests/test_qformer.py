@@ -52,16 +52,18 @@ def test_attention_mask_patterns():
     assert causal.tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
 
 
-def _outputs(qformer, image_embeds, input_ids, attention_mask, mode):
-    return qformer(image_embeds, input_ids, attention_mask, mode=mode)
+def _outputs_before_and_after_changing_token(qformer, text, mode, position):
+    """Q-Former outputs for the same images with the text as given and with the token at `position` replaced."""
+    image = torch.randn(len(TEXTS), 5, 32)
+    other_ids = text.input_ids.clone()
+    other_ids[:, position] = 7
+    before = qformer(image, text.input_ids, text.attention_mask, mode=mode)
+    after = qformer(image, other_ids, text.attention_mask, mode=mode)
+    return image, before, after
 
 
 def test_unimodal_queries_ignore_text(qformer, text):
-    image = torch.randn(len(TEXTS), 5, 32)
-    other_ids = text.input_ids.clone()
-    other_ids[:, 1] = 7
-    a = _outputs(qformer, image, text.input_ids, text.attention_mask, "unimodal")
-    b = _outputs(qformer, image, other_ids, text.attention_mask, "unimodal")
+    image, a, b = _outputs_before_and_after_changing_token(qformer, text, "unimodal", 1)
     torch.testing.assert_close(a.query_output, b.query_output)
     assert not torch.allclose(a.text_output, b.text_output)
     # and equal to the query path run alone
@@ -69,21 +71,13 @@ def test_unimodal_queries_ignore_text(qformer, text):
 
 
 def test_bidirectional_queries_see_text(qformer, text):
-    image = torch.randn(len(TEXTS), 5, 32)
-    other_ids = text.input_ids.clone()
-    other_ids[:, 1] = 7
-    a = _outputs(qformer, image, text.input_ids, text.attention_mask, "bidirectional")
-    b = _outputs(qformer, image, other_ids, text.attention_mask, "bidirectional")
+    _, a, b = _outputs_before_and_after_changing_token(qformer, text, "bidirectional", 1)
     assert (a.query_output - b.query_output).abs().amax() > 1e-4
 
 
 def test_multimodal_causal_text_sees_only_the_past(qformer, text):
-    image = torch.randn(len(TEXTS), 5, 32)
     t = 2
-    other_ids = text.input_ids.clone()
-    other_ids[:, t] = 7
-    a = _outputs(qformer, image, text.input_ids, text.attention_mask, "multimodal_causal")
-    b = _outputs(qformer, image, other_ids, text.attention_mask, "multimodal_causal")
+    _, a, b = _outputs_before_and_after_changing_token(qformer, text, "multimodal_causal", t)
     torch.testing.assert_close(a.query_output, b.query_output)
     torch.testing.assert_close(a.text_output[:, :t], b.text_output[:, :t])
     changed = (a.text_output - b.text_output).abs().amax(dim=-1)  # (B, T)
