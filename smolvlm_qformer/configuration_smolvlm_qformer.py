@@ -76,11 +76,16 @@ class SmolVLMQFormerQFormerConfig(DistilBertConfig):
         self.temperature = temperature
 
 
-def _sub_config(config: PretrainedConfig | dict | None, defaults: dict) -> PretrainedConfig:
-    """Builds any registered transformers config from a dict (or passes a config object through)."""
+def _sub_config(config: PretrainedConfig | dict | None, default: dict) -> PretrainedConfig:
+    """Builds any registered transformers config from a dict (`default` when None), or passes a config through."""
     if isinstance(config, PretrainedConfig):
         return config
-    config = {**defaults, **(config or {})}
+    config = dict(default if config is None else config)
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        # transformers 5 saves the RoPE base only inside `rope_parameters`, which 4.x ignores (it would fall back
+        # to 10000): keep the top-level key too, which 5.x reads as well.
+        config.setdefault("rope_theta", rope["rope_theta"])
     return CONFIG_MAPPING[config.pop("model_type")](**config)
 
 

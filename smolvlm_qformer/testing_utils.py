@@ -11,6 +11,7 @@ import json
 import random
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
@@ -118,6 +119,8 @@ def tiny_config(processor: SmolVLMQFormerProcessor | None = None, **qformer_kwar
             "max_position_embeddings": 128,
             "num_query_tokens": processor.num_query_tokens,
             "embed_dim": 16,
+            # Wider than BERT's 0.02, like trained weights: distinct texts must give distinct [CLS] outputs.
+            "initializer_range": 0.2,
             **qformer_kwargs,
         },
         text_config={
@@ -142,18 +145,27 @@ def tiny_config(processor: SmolVLMQFormerProcessor | None = None, **qformer_kwar
     )
 
 
-def save_tiny_backbones(root: str | Path, processor: SmolVLMQFormerProcessor | None = None) -> dict[str, str]:
+def save_tiny_backbones(
+    root: str | Path, processor: SmolVLMQFormerProcessor | None = None, seed: int = 0
+) -> dict[str, str]:
     """Writes a tiny ViT (+ image processor), DistilBERT (+ tokenizer) and Llama LM (+ chat tokenizer) as three
-    pretrained folders, the stand-ins for the Hub checkpoints `from_backbones` takes. Returns their paths."""
+    pretrained folders, the stand-ins for the Hub checkpoints `from_backbones` takes; the same weights for the
+    same `seed`. Returns their paths."""
     root = Path(root)
     processor = processor or tiny_processor()
     config = tiny_config(processor)
+    torch.manual_seed(seed)
     q = config.qformer_config
     paths = {"vision": str(root / "vision"), "qformer": str(root / "qformer"), "language_model": str(root / "lm")}
     AutoModel.from_config(config.vision_config).save_pretrained(paths["vision"])
     processor.image_processor.save_pretrained(paths["vision"])
     bert_config = DistilBertConfig(
-        vocab_size=q.vocab_size, dim=q.dim, hidden_dim=q.hidden_dim, n_layers=q.n_layers, n_heads=q.n_heads
+        vocab_size=q.vocab_size,
+        dim=q.dim,
+        hidden_dim=q.hidden_dim,
+        n_layers=q.n_layers,
+        n_heads=q.n_heads,
+        initializer_range=q.initializer_range,
     )
     DistilBertModel(bert_config).save_pretrained(paths["qformer"])
     processor.qformer_tokenizer.save_pretrained(paths["qformer"])

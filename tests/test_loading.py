@@ -51,3 +51,34 @@ def test_saved_folder_loads_everywhere_with_the_same_outputs(saved_folder, loade
     if report["transformers"].startswith("4."):
         assert "AutoModelForVision2Seq_max_abs_diff" in report
         assert report["pipeline_caption"].strip() == expected["caption"].strip()
+
+
+SAVE_CONFIG = """
+import sys
+from smolvlm_qformer import SmolVLMQFormerConfig
+text = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+        "intermediate_size": 64, "rope_theta": 12345.0, "vocab_size": 100}
+SmolVLMQFormerConfig(text_config=text).save_pretrained(sys.argv[1])
+"""
+LOAD_CONFIG = """
+import json, sys, transformers
+from smolvlm_qformer import SmolVLMQFormerConfig
+text = SmolVLMQFormerConfig.from_pretrained(sys.argv[1]).text_config
+# the RoPE base each line's Llama actually uses
+rope_theta = text.rope_theta if transformers.__version__.startswith("4.") else text.rope_parameters["rope_theta"]
+report = {"rope_theta": rope_theta, "pad_token_id": text.pad_token_id, "kv": text.num_key_value_heads}
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("saver", list(INTERPRETERS))
+@pytest.mark.parametrize("loader", list(INTERPRETERS))
+def test_text_config_round_trips_across_lines_without_borrowed_defaults(saver, loader, tmp_path):
+    """A non-SmolLM2 text config keeps its own RoPE base (which 4.x reads from a top-level key only) and takes no
+    SmolLM2 default it did not have."""
+    save = subprocess.run([INTERPRETERS[saver], "-c", SAVE_CONFIG, str(tmp_path)], capture_output=True, text=True)
+    assert save.returncode == 0, save.stderr[-2000:]
+    load = subprocess.run([INTERPRETERS[loader], "-c", LOAD_CONFIG, str(tmp_path)], capture_output=True, text=True)
+    assert load.returncode == 0, load.stderr[-2000:]
+    report = json.loads(load.stdout.split("REPORT ", 1)[1])
+    assert report == {"rope_theta": 12345.0, "pad_token_id": None, "kv": 4}

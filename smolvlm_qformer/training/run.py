@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import set_seed
 
 from ..data import ChatCollator, FeatureCache, IndexedDataset, PromptConfig, RetrievalCollator, split_train_eval
 from ..data.sources import DataArguments
@@ -117,6 +118,7 @@ def train_qformer(
     model_args: ModelArguments, data_args: DataArguments, training_args: SmolVLMTrainingArguments
 ) -> dict[str, float]:
     """Stage 1. Writes the retrieval model + processor to `output_dir`; returns the final metrics."""
+    set_seed(training_args.seed)  # before the new parts are initialised
     model, processor = build_stage1(model_args)
     _log_trainable(model)
     train, evaluation = _datasets(data_args, training_args.seed)
@@ -138,6 +140,7 @@ def train_vlm(
 ) -> dict[str, float]:
     """Stage 2. Writes the merged model + processor to `output_dir` and the unmerged adapter to `output_dir/adapter`;
     returns the final metrics."""
+    set_seed(training_args.seed)  # before the new parts and LoRA are initialised
     model, processor = build_stage2(model_args)
     _log_trainable(model)
     train, evaluation = _datasets(data_args, training_args.seed)
