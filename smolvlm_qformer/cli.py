@@ -126,6 +126,12 @@ def _generate(model_path: str, images: list[str], question: str | None, max_new_
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True).to(device).eval()
     inputs = processor(images=decoded, text=None if question is None else [question] * len(decoded)).to(device)
+    context = model.config.text_config.max_position_embeddings
+    if inputs.input_ids.shape[1] + max_new_tokens > context:
+        raise SystemExit(
+            f"error: the prompt is {inputs.input_ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} it "
+            f"exceeds the model's context of {context} tokens: shorten the question"
+        )
     generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     answers = processor.batch_decode(generated[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
     for path, answer in zip(images, answers, strict=True):

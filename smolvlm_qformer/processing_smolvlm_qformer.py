@@ -60,11 +60,81 @@ def make_tokenizer_config_portable(path: str | os.PathLike) -> None:
         json.dump(config, f, indent=2, ensure_ascii=False)
 
 
-def to_rgb(image: Any) -> Any:
-    """PIL images of any mode (CMYK, RGBA, palette, 16-bit, ...) to RGB; arrays and tensors pass through."""
-    if hasattr(image, "convert") and getattr(image, "mode", "RGB") != "RGB":
-        return image.convert("RGB")
-    return image
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> what shows an (H, W, C) array upright (the transposes of PIL's `ImageOps.exif_transpose`).
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+_HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def to_rgb_array(image: Any) -> np.ndarray:
+    """Any image as the image processor gets it: an upright (H, W, 3) uint8 RGB array.
+
+    PIL images of any mode: EXIF orientation applied, transparency composited onto white, 16-bit, 32-bit and float
+    pixels scaled to 0-255 (`convert("RGB")` would clip them to white); an animated image gives its current frame.
+    Arrays and tensors: (H, W), (H, W, C) or (C, H, W) with C in 1 / 3 / 4; bool, integers (uint16 and wider
+    holding more than 8 bits are scaled down) or floats (in [0, 1] or [0, 255]). Raises `ValueError` saying what is
+    wrong with anything else.
+    """
+    if hasattr(image, "getexif"):  # a PIL image, recognised without importing PIL
+        if image.mode in _HIGH_BIT_DEPTH_MODES:
+            array = np.asarray(image)
+        elif "A" in image.getbands() or "transparency" in image.info:
+            array = np.asarray(image.convert("RGBA"))
+        else:
+            array = np.asarray(image.convert("RGB"))
+        upright = _UPRIGHT.get(image.getexif().get(EXIF_ORIENTATION), lambda a: a)
+        return np.ascontiguousarray(upright(_array_to_rgb(array)))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+    return _array_to_rgb(image)
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    """(H, W[, C]) / (C, H, W) of any real dtype -> (H, W, 3) uint8; alpha composited onto white."""
+    if array.ndim == 2:
+        array = array[..., None]
+    elif array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        array = array.transpose(1, 2, 0)  # channels first
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"an image array must be (H, W), (H, W, C) or (C, H, W) with C in 1/3/4, got {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"the image is empty ({array.shape[0]} x {array.shape[1]} pixels)")
+    if array.dtype == bool:
+        array = array * 255.0
+    elif np.issubdtype(array.dtype, np.integer):
+        wide = array.dtype.itemsize > 1 and (array.dtype == np.uint16 or array.max() > 255)
+        array = array / 257.0 if wide else array.astype(np.float64)  # 65535 / 257 = 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("the image has NaN or infinite pixel values")
+        array = array * 255.0 if array.max() <= 1 else array.astype(np.float64)
+    else:
+        raise ValueError(f"unsupported pixel dtype {array.dtype}")
+    array = array.clip(0, 255)
+    if array.shape[-1] == 4:
+        alpha = array[..., 3:] / 255.0
+        array = array[..., :3] * alpha + 255.0 * (1 - alpha)
+    if array.shape[-1] == 1:
+        array = array.repeat(3, axis=-1)
+    return array.round().astype(np.uint8)
+
+
+def describe_image(image: Any) -> str:
+    """A short name for an image in error messages: its file name if it has one, else its type, mode and size."""
+    if getattr(image, "filename", None):
+        return repr(image.filename)
+    size = getattr(image, "size", None) if hasattr(image, "getexif") else getattr(image, "shape", None)
+    return " ".join(str(part) for part in (type(image).__name__, getattr(image, "mode", None), size) if part)
 
 
 class SmolVLMQFormerProcessor(ProcessorMixin):
@@ -192,7 +262,7 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         return_tensors = output_kwargs["text_kwargs"].pop("return_tensors", None)
         data = dict(self.tokenizer([self.expand_image_tokens(t) for t in texts], **output_kwargs["text_kwargs"]))
         if images:
-            data["pixel_values"] = self.image_processor(images, **output_kwargs["images_kwargs"])["pixel_values"]
+            data["pixel_values"] = self._pixel_values(images, **output_kwargs["images_kwargs"])
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def retrieval_inputs(
@@ -203,7 +273,7 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         data = {}
         images = self._as_image_list(images)
         if images:
-            data["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
+            data["pixel_values"] = self._pixel_values(images, return_tensors="pt")
         if text is not None:
             data.update(
                 self.qformer_tokenizer(
@@ -219,13 +289,25 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
 
     @staticmethod
     def _as_image_list(images: Any) -> list:
+        """One entry per image: a list/tuple as given, a 4-d array or tensor split along its first axis."""
         if images is None:
             return []
         if isinstance(images, (list, tuple)):
-            return [to_rgb(image) for image in images]
+            return list(images)
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
             return list(images)
-        return [to_rgb(images)]
+        return [images]
+
+    def _pixel_values(self, images: list, **kwargs: Any) -> Any:
+        """The image processor's `pixel_values` for images of any mode or layout (see `to_rgb_array`); an image
+        that cannot be used raises a `ValueError` naming it."""
+        arrays = []
+        for index, image in enumerate(images):
+            try:
+                arrays.append(to_rgb_array(image))
+            except (OSError, ValueError) as error:  # OSError: a lazily opened file that turns out truncated
+                raise ValueError(f"image {index} ({describe_image(image)}) cannot be used: {error}") from error
+        return self.image_processor(arrays, input_data_format="channels_last", **kwargs)["pixel_values"]
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)

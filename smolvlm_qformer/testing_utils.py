@@ -6,11 +6,15 @@ shape/colour captions and chat prompts, so they encode any text and round-trip i
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import random
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -25,7 +29,7 @@ from transformers import (
 )
 
 from .configuration_smolvlm_qformer import SmolVLMQFormerConfig
-from .processing_smolvlm_qformer import SmolVLMQFormerProcessor
+from .processing_smolvlm_qformer import EXIF_ORIENTATION, SmolVLMQFormerProcessor
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "brown", "teal"]
 SHAPES = ["circle", "square", "triangle", "rectangle", "star", "cross"]
@@ -210,3 +214,84 @@ def make_shapes_dataset(folder: str | Path, num_images: int, size: int = 32, see
         rows.append({"file_name": name, "caption": f"a {colour} {shape}", "question": question, "answer": answer})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` RGB pixels and that has no pixel data: PIL reads the size on
+    open, so it stands in for a decompression bomb without the memory."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+# A red-left / blue-right test card: orientation and colour are both checkable after decoding.
+def _card(width: int = 40, height: int = 20) -> Image.Image:
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+    array[:, : width // 2] = (255, 0, 0)
+    array[:, width // 2 :] = (0, 0, 255)
+    return Image.fromarray(array)
+
+
+def write_odd_images(folder: str | Path) -> dict[str, Path]:
+    """Valid images in unusual forms, each decodable to a known RGB result (see `tests/test_bad_inputs.py`):
+    CMYK JPEG, RGBA / palette-with-transparency / 16-bit grayscale / 1-bit PNG, a 1x1 PNG, a large JPEG, an
+    EXIF-rotated JPEG and an animated GIF."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rgba = np.zeros((20, 40, 4), dtype=np.uint8)
+    rgba[:, :20] = (255, 0, 0, 255)  # left: opaque red; right: fully transparent (black underneath)
+    palette = Image.new("P", (40, 20), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.paste(1, (20, 0, 40, 20))  # left: index 0 (red, transparent below); right: index 1 (blue)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # stored 40 x 20, shown rotated 90 degrees clockwise: 20 x 40
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("green", "red", "blue")]
+    gradient = np.linspace(0, 65535, 20 * 40).reshape(20, 40).astype(np.uint16)
+    files = {
+        "cmyk.jpg": _encoded(Image.new("CMYK", (40, 20), (0, 255, 255, 0)), "JPEG", quality=95),
+        "rgba.png": _encoded(Image.fromarray(rgba), "PNG"),
+        "palette_transparent.png": _encoded(palette, "PNG", transparency=0),
+        "gray16.png": _encoded(Image.fromarray(gradient), "PNG"),
+        "bilevel.png": _encoded(Image.new("1", (40, 20), 1), "PNG"),
+        "one_pixel.png": _encoded(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"),
+        "large.jpg": _encoded(_card(3000, 2000), "JPEG", quality=90),
+        "exif_rotated.jpg": _encoded(_card(), "JPEG", quality=95, exif=exif),
+        "animated.gif": _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {name: folder / name for name in files}
+
+
+def write_bad_images(folder: str | Path) -> dict[str, Path]:
+    """Files with image names that are not usable images: truncated and corrupt JPEG/PNG, a zero-byte file, text
+    and an HTML error page, a decompression bomb (a header claiming 30,000 x 30,000 pixels), and a path that does
+    not exist (returned, never written)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    jpeg, png = _encoded(noise, "JPEG"), _encoded(noise, "PNG")
+    broken_png = bytearray(png)
+    broken_png[len(png) // 2 : len(png) // 2 + 64] = bytes(64)  # zlib stream and CRC broken
+    files = {
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "truncated.png": png[: len(png) // 2],
+        "corrupt_header.jpg": jpeg[:2] + bytes(range(200)) + jpeg[202:],
+        "corrupt_data.png": bytes(broken_png),
+        "zero_bytes.jpg": b"",
+        "text.jpg": b"this is not an image\n",
+        "not_found.png": b"<html><body><h1>404 Not Found</h1></body></html>",
+        "bomb.png": _png_header_only(30_000, 30_000),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {**{name: folder / name for name in files}, "missing.png": folder / "missing.png"}

@@ -74,6 +74,7 @@ class ChatCollator(_ImageCollator):
     prompts: PromptConfig = field(default_factory=PromptConfig)
     seed: int = 0
     max_answer_tokens: int = 64
+    max_question_tokens: int = 128
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         kept, batch = self._image_inputs(rows)
@@ -98,11 +99,22 @@ class ChatCollator(_ImageCollator):
     def encode(self, row: dict[str, Any]) -> tuple[list[int], list[int]]:
         """Token ids of the chat prompt (image placeholders expanded, ready for the answer) and of the answer."""
         system_prompt, caption_prompt = self.prompts.draw(self.seed, row["sample_index"])
-        question = row.get("question") or caption_prompt
+        question = self.truncate_question(row.get("question")) or caption_prompt
         answer = row.get("answer") or row["caption"]
         prompt = self.processor.expand_image_tokens(self.processor.build_prompt(question, system_prompt))
         tokenizer = self.processor.tokenizer
         return (
             tokenizer(prompt, add_special_tokens=False).input_ids,
             tokenizer(answer.strip(), add_special_tokens=False).input_ids,
+        )
+
+    def truncate_question(self, question: str | None) -> str | None:
+        """The question cut to its first `max_question_tokens` LM tokens (the chat prompt around it stays whole)."""
+        if not question:
+            return question
+        ids = self.processor.tokenizer(question, add_special_tokens=False).input_ids
+        return (
+            question
+            if len(ids) <= self.max_question_tokens
+            else self.processor.tokenizer.decode(ids[: self.max_question_tokens])
         )

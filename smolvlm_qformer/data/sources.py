@@ -44,6 +44,8 @@ class DataArguments:
     """Q-Former caption length (stage 1); longer captions are truncated."""
     max_answer_tokens: int = 64
     """LM answer length (stage 2); longer answers are truncated."""
+    max_question_tokens: int = 128
+    """LM question length (stage 2); longer questions are truncated, so no prompt outgrows the LM's context."""
     prompts_file: str | None = None
     """JSON with "system_prompts" / "caption_prompts" lists for stage 2."""
     feature_cache: str | None = None

@@ -43,7 +43,8 @@ def build_stage2(model_args: ModelArguments) -> tuple[PeftModel, SmolVLMQFormerP
     """The generation model from the stage-1 folder (or fresh backbones), wrapped for LoRA: the LM's attention
     projections get LoRA, the Q-Former and adapter train in full, the rest is frozen."""
     if model_args.stage1_model is not None:
-        processor = SmolVLMQFormerProcessor.from_pretrained(model_args.stage1_model)
+        # trust_remote_code: the folder carries our own code; without it, transformers asks on a terminal (15 s)
+        processor = SmolVLMQFormerProcessor.from_pretrained(model_args.stage1_model, trust_remote_code=True)
         model = SmolVLMQFormerForConditionalGeneration.from_backbones(
             stage1=model_args.stage1_model,
             language_model=model_args.language_model,
@@ -120,6 +121,11 @@ def train_qformer(
     """Stage 1. Writes the retrieval model + processor to `output_dir`; returns the final metrics."""
     set_seed(training_args.seed)  # before the new parts are initialised
     model, processor = build_stage1(model_args)
+    positions = model.config.qformer_config.max_position_embeddings
+    if data_args.max_caption_tokens > positions:
+        raise ValueError(
+            f"--max_caption_tokens {data_args.max_caption_tokens} exceeds the Q-Former's {positions} positions"
+        )
     _log_trainable(model)
     train, evaluation = _datasets(data_args, training_args.seed)
     trainer = QFormerTrainer(
@@ -146,7 +152,11 @@ def train_vlm(
     train, evaluation = _datasets(data_args, training_args.seed)
     prompts = PromptConfig.from_json(data_args.prompts_file) if data_args.prompts_file else PromptConfig()
     collator = ChatCollator(
-        processor, prompts=prompts, seed=training_args.seed, max_answer_tokens=data_args.max_answer_tokens
+        processor,
+        prompts=prompts,
+        seed=training_args.seed,
+        max_answer_tokens=data_args.max_answer_tokens,
+        max_question_tokens=data_args.max_question_tokens,
     )
     trainer = VLMTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator
