@@ -8,14 +8,19 @@ its batch rather than a crash when the dataset is built or iterated.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 
+from .easy_vqa import easy_vqa_dataset
 from .feature_cache import FeatureCache
 
 logger = logging.getLogger(__name__)
+
+# Sources built in-process instead of by `load_dataset`: `--dataset` name -> (split, `--dataset_config`) -> Dataset.
+LOCAL_SOURCES: dict[str, Callable[[str, str | None], datasets.Dataset]] = {"easy-vqa": easy_vqa_dataset}
 
 
 @dataclass
@@ -24,7 +29,8 @@ class DataArguments:
 
     dataset: str = "imagefolder"
     """A `load_dataset` path: Hub id, local folder (the `imagefolder` convention, metadata.jsonl/csv), or a builder
-    name such as "parquet" / "webdataset" / "imagefolder" together with `data_files` or `data_dir`."""
+    name such as "parquet" / "webdataset" / "imagefolder" together with `data_files` or `data_dir`; or one of
+    `LOCAL_SOURCES` ("easy-vqa", with `dataset_config` "captions" or "vqa")."""
     dataset_config: str | None = None
     data_dir: str | None = None
     data_files: str | None = None
@@ -82,14 +88,18 @@ class IndexedDataset:
 def load_image_text_dataset(args: DataArguments, split: str) -> IndexedDataset | datasets.IterableDataset:
     """Loads one split, renames its columns to image / caption (/ question / answer) and drops rows whose text is
     empty (counted in the log)."""
-    dataset = datasets.load_dataset(
-        args.dataset,
-        args.dataset_config,
-        data_dir=args.data_dir,
-        data_files=args.data_files,
-        split=split,
-        streaming=args.streaming,
-    )
+    if args.dataset in LOCAL_SOURCES:
+        dataset = LOCAL_SOURCES[args.dataset](split, args.dataset_config)
+        dataset = dataset.to_iterable_dataset() if args.streaming else dataset
+    else:
+        dataset = datasets.load_dataset(
+            args.dataset,
+            args.dataset_config,
+            data_dir=args.data_dir,
+            data_files=args.data_files,
+            split=split,
+            streaming=args.streaming,
+        )
     dataset = _canonical_columns(dataset, args)
     text_columns = [c for c in ("caption", "answer") if c in dataset.column_names]
     loaded = dataset

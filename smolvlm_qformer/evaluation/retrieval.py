@@ -27,7 +27,8 @@ def retrieval_recall_at_k(
 
     Args:
         similarity: (num_images, num_texts) scores; each image ranks the texts by its row.
-        text_to_image: the image of each text; an image's positives are all its texts.
+        text_to_image: the image of each text (an image's positives are all its texts), or a (num_images, num_texts)
+            boolean matrix of positives when a text fits several images (e.g. images that share a caption).
         ks: the cut-offs.
         text_to_image_similarity: (num_images, num_texts) scores each text ranks the images by (its column), when they
             differ from `similarity` (ITM re-ranking re-scores each direction's own top-k).
@@ -36,7 +37,11 @@ def retrieval_recall_at_k(
     against the model, so a constant score does not get perfect recall.
     """
     text_to_image = torch.as_tensor(text_to_image, device=similarity.device)
-    positives = text_to_image.unsqueeze(0) == torch.arange(similarity.shape[0], device=similarity.device).unsqueeze(1)
+    if text_to_image.ndim == 2:
+        positives = text_to_image.bool()
+    else:
+        images = torch.arange(similarity.shape[0], device=similarity.device)
+        positives = text_to_image.unsqueeze(0) == images.unsqueeze(1)
     t2i = similarity if text_to_image_similarity is None else text_to_image_similarity
 
     best_text = similarity.masked_fill(~positives, float("-inf")).amax(dim=1, keepdim=True)
@@ -75,7 +80,7 @@ def itm_scores(
 def retrieval_scores(
     model: SmolVLMQFormerForImageTextRetrieval,
     processor: SmolVLMQFormerProcessor,
-    images: Sequence[Any],
+    images: Sequence[Any] | torch.Tensor,
     texts: Sequence[str],
     batch_size: int = 64,
     itm_top_k: int | None = None,
@@ -83,6 +88,7 @@ def retrieval_scores(
 ) -> RetrievalScores:
     """Scores every image against every text with the ITC similarity, images and texts each embedded once in
     batches; with `itm_top_k`, each direction's top-k re-ranked by ITM (pick k >= the largest recall cut-off).
+    `images` may also be the vision encoder's outputs (num_images, N, Dv), e.g. from a feature cache.
 
     Without ITM only (B, Q, E) image features live at a time; with it, the vision encoder's outputs for all images
     are kept on the model's device.
@@ -99,8 +105,12 @@ def retrieval_scores(
     )
     rows, vision_outputs = [], []
     for start in range(0, len(images), batch_size):
-        pixel_values = processor.retrieval_inputs(images=list(images[start : start + batch_size])).pixel_values
-        image_embeds = model.get_image_embeds(pixel_values.to(device), None)
+        batch = images[start : start + batch_size]
+        if isinstance(images, torch.Tensor):  # the vision encoder's outputs, already computed
+            image_embeds = batch.to(device)
+        else:
+            pixel_values = processor.retrieval_inputs(images=list(batch)).pixel_values
+            image_embeds = model.get_image_embeds(pixel_values.to(device), None)
         rows.append(image_text_similarity(model.get_image_features(image_embeds=image_embeds), text_feats).float())
         if itm_top_k is not None:
             vision_outputs.append(image_embeds)

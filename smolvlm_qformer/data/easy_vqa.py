@@ -1,0 +1,119 @@
+"""easy-VQA as an image-text source: the `easy-vqa` PyPI package (MIT) holds 64x64 PNGs of one coloured shape each
+(4,000 train / 1,000 test) and generated questions about them (38,575 / 9,673, 13 answers).
+
+The package has no captions; each image's "a {colour} {shape}" caption is derived from its own question-answer pairs
+(`derive_colour_and_shape`). About 10% of the images (422 train, 112 test) get questions that leave the colour or
+the shape open: they have no caption (an empty caption, which the loader drops and counts) but keep their questions.
+Two configurations, in the canonical columns image (a file path), caption, question and answer:
+
+- `captions`: one row per image, question and answer empty (stage 1).
+- `vqa`: per image, a caption row if it has a caption (no question; the answer is the caption, so stage 2 trains it
+  behind a captioning instruction), then one row per question (stage 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+COLOURS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
+SHAPES = ("circle", "rectangle", "triangle")
+YES_NO = ("yes", "no")
+NEGATIONS = frozenset({"not", "no"})
+CONFIGS = ("captions", "vqa")
+SPLITS = ("train", "test")
+FEATURES = datasets.Features({name: datasets.Value("string") for name in ("image", "caption", "question", "answer")})
+
+
+def caption(colour: str, shape: str) -> str:
+    return f"a {colour} {shape}"
+
+
+def _resolve(kind: str, values: tuple[str, ...], stated: set[str], ruled_out: set[str]) -> tuple[str | None, str]:
+    """One attribute from what the answers state and what the yes/no answers rule out: (value, how it was found:
+    "stated" / "eliminated"), or (None, "open") when several values remain."""
+    if len(stated) > 1 or stated & ruled_out:
+        raise ValueError(f"contradictory {kind}: stated {sorted(stated)}, ruled out {sorted(ruled_out)}")
+    if stated:
+        return next(iter(stated)), "stated"
+    remaining = set(values) - ruled_out
+    return (remaining.pop(), "eliminated") if len(remaining) == 1 else (None, "open")
+
+
+def derive_colour_and_shape(qa_pairs: Iterable[tuple[str, str]]) -> tuple[str | None, str | None, tuple[str, str]]:
+    """(colour, shape, how each was found) of one image from its question-answer pairs; None where they leave it open.
+
+    A colour / shape answer states that attribute (and a colour or shape the question names: "what color is the
+    circle?" -> circle). A yes/no question names one colour or shape; the answer, flipped by a negation ("is there
+    not a red shape?"), states it or rules it out. What no answer states is the one value left after ruling out the
+    rest. Raises `ValueError` when the pairs contradict each other (an ambiguous image).
+    """
+    vocabularies = {"colour": COLOURS, "shape": SHAPES}
+    stated: dict[str, set[str]] = defaultdict(set)
+    ruled_out: dict[str, set[str]] = defaultdict(set)
+    for question, answer in qa_pairs:
+        words = set(re.findall(r"[a-z]+", question.lower()))
+        if answer in YES_NO:
+            holds = (answer == "yes") != bool(words & NEGATIONS)
+            for kind, values in vocabularies.items():
+                (stated if holds else ruled_out)[kind].update(words.intersection(values))
+        else:
+            for kind, values in vocabularies.items():
+                stated[kind].update(words.intersection(values) | ({answer} & set(values)))
+    (colour, colour_source), (shape, shape_source) = (
+        _resolve(kind, values, stated[kind], ruled_out[kind]) for kind, values in vocabularies.items()
+    )
+    return colour, shape, (colour_source, shape_source)
+
+
+def easy_vqa_dataset(split: str = "train", config: str | None = None) -> datasets.Dataset:
+    """One split of easy-VQA in the canonical columns (see the module docstring); `config` is "captions" (default)
+    or "vqa". Rows are ordered by image id, each image's questions in the package's order."""
+    import easy_vqa
+
+    config = config or "captions"
+    if split not in SPLITS or config not in CONFIGS:
+        raise ValueError(f"easy-VQA has splits {SPLITS} and configs {CONFIGS}, got {split!r} / {config!r}")
+    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    unknown = set(answers) - set(COLOURS + SHAPES + YES_NO)
+    if unknown:
+        raise ValueError(f"easy-VQA answers outside the known vocabulary: {sorted(unknown)}")
+
+    per_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
+        per_image[image_id].append((question, answer))
+    missing = sorted(set(paths) - set(per_image))
+    if missing:
+        raise ValueError(f"easy-VQA {split}: {len(missing)} images have no questions (e.g. {missing[:5]})")
+
+    rows: dict[str, list[str | None]] = {name: [] for name in FEATURES}
+    sources, captioned = Counter(), 0
+    for image_id in sorted(paths):
+        try:
+            colour, shape, how = derive_colour_and_shape(per_image[image_id])
+        except ValueError as error:
+            raise ValueError(f"easy-VQA {split} image {image_id}: {error}") from None
+        sources.update(f"{kind} {source}" for kind, source in zip(("colour", "shape"), how, strict=True))
+        text = caption(colour, shape) if colour and shape else None
+        captioned += bool(text)
+        image_rows = [(None, None)] if config == "captions" else [(None, text)] * bool(text) + per_image[image_id]
+        for question, answer in image_rows:
+            rows["image"].append(str(paths[image_id]))
+            rows["caption"].append(text)
+            rows["question"].append(question)
+            rows["answer"].append(answer)
+    logger.info(
+        "easy-VQA %s: %d of %d images captioned from their questions (%s)",
+        split,
+        captioned,
+        len(paths),
+        ", ".join(f"{name}: {count}" for name, count in sorted(sources.items())),
+    )
+    return datasets.Dataset.from_dict(rows, features=FEATURES, split=split)

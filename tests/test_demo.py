@@ -1,0 +1,113 @@
+"""`smolvlm-qformer demo` end to end on tiny backbones and a few easy-VQA images: what it writes and that the model
+folder loads; and the pieces it adds (retrieval with shared captions, features shared between rows)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+from smolvlm_qformer.assets import AssetPaths
+from smolvlm_qformer.cli import COMMANDS, parse_arguments
+from smolvlm_qformer.demo import DemoArguments, SharedImageFeatures, run_demo
+from smolvlm_qformer.evaluation import retrieval_recall_at_k
+from smolvlm_qformer.testing_utils import save_tiny_backbones
+
+easy_vqa = pytest.importorskip("easy_vqa")
+pytest.importorskip("matplotlib")
+
+RATES = [
+    "vqa_accuracy",
+    "majority_baseline",
+    "caption_accuracy",
+    "image_to_text_r1",
+    "image_to_text_r5",
+    "text_to_image_r1",
+    "text_to_image_r5",
+]
+STAGES = ["assets", "feature_cache", "stage1", "retrieval_eval", "stage2", "vqa_eval", "caption_eval", "total"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, processor):
+    root = tmp_path_factory.mktemp("demo")
+    backbones = AssetPaths(**save_tiny_backbones(root / "backbones", processor))
+    args = DemoArguments(
+        output_dir=str(root / "out"),
+        train_images=40,
+        train_questions=48,
+        train_captions=16,
+        test_images=24,
+        test_questions=20,
+        stage1_epochs=1,
+        stage2_epochs=1,
+        batch_size=16,
+        num_query_tokens=processor.num_query_tokens,
+        lora_r=4,
+        image_size=None,  # the tiny ViT's own 32 px
+        device="cpu",
+    )
+    return root / "out", run_demo(args, backbones)
+
+
+def test_metrics_json(demo):
+    output_dir, returned = demo
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert {k: v for k, v in metrics.items() if k != "arguments"} == returned
+    assert all(0 <= metrics[name] <= 1 for name in RATES)
+    assert metrics["image_to_text_r1"] <= metrics["image_to_text_r5"]
+    assert metrics["text_to_image_r1"] <= metrics["text_to_image_r5"]
+    assert metrics["num_test_questions"] == 20 and metrics["num_train_questions"] == 48
+    assert 0 < metrics["num_test_images"] <= 24  # the captioned ones among the first 24
+    assert list(metrics["seconds"]) == STAGES and all(s >= 0 for s in metrics["seconds"].values())
+    assert metrics["arguments"]["test_questions"] == 20
+
+
+def test_figures_and_model_card(demo):
+    output_dir, _ = demo
+    for name in ("examples.png", "loss_curves.png", "query_attention.png"):
+        assert (output_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    card = (output_dir / "model" / "README.md").read_text()
+    assert "easy-vqa" in card and "vqa_accuracy" in card
+    assert (output_dir / "model" / "adapter" / "adapter_config.json").exists()
+
+
+def test_model_folder_loads_and_answers(demo):
+    output_dir, _ = demo
+    folder = str(output_dir / "model")
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    image = Image.open(easy_vqa.get_test_image_paths()[0]).convert("RGB")
+    inputs = processor(images=image, text="what color is the shape?")
+    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] <= inputs.input_ids.shape[1] + 3
+    vqa = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+    assert isinstance(vqa(images=image, text="what shape is it?", max_new_tokens=3)[0]["generated_text"], str)
+
+
+def test_a_text_matches_every_image_with_its_caption():
+    # images 0, 1 share caption A; image 2 has caption B. Texts: A, B.
+    positives = torch.tensor([[True, False], [True, False], [False, True]])
+    similarity = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    recall = retrieval_recall_at_k(similarity, positives, ks=(1, 2))
+    assert recall["image_to_text_r1"] == pytest.approx(2 / 3)  # image 1 ranks B first
+    assert recall["text_to_image_r1"] == 0.5  # A: image 0 first (a hit); B: image 1 (0.8) before image 2 (0.7)
+    assert recall["text_to_image_r2"] == 1.0  # one image of the right caption in the top 2 is enough
+
+
+def test_rows_read_the_features_of_their_image():
+    class Cache:
+        folder = "cache"
+
+        def get(self, indices):
+            return torch.tensor(indices, dtype=torch.float16)[:, None, None], torch.ones(len(indices), dtype=torch.bool)
+
+    rows = SharedImageFeatures(Cache(), image_index=[2, 0, 2, 1])
+    features, valid = rows.get([0, 1, 3])
+    assert len(rows) == 4 and features.flatten().tolist() == [2, 0, 1] and valid.all()
+
+
+def test_demo_command_and_flags():
+    assert "demo" in COMMANDS
+    (args,) = parse_arguments((DemoArguments,), ["--output-dir", "out", "--test-questions", "5", "--device", "cpu"])
+    assert (args.output_dir, args.test_questions, args.device) == ("out", 5, "cpu")

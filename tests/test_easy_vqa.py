@@ -1,0 +1,86 @@
+"""The easy-VQA source: captions derived from the questions, the two configurations, and the `--dataset easy-vqa`
+hook. The data ships in the `easy-vqa` package: nothing is downloaded."""
+
+import re
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from smolvlm_qformer.data import DataArguments, load_image_text_dataset
+from smolvlm_qformer.data.easy_vqa import COLOURS, SHAPES, derive_colour_and_shape, easy_vqa_dataset
+
+easy_vqa = pytest.importorskip("easy_vqa")
+
+COLUMNS = ["image", "caption", "question", "answer"]
+# (questions, images, images whose questions leave the colour or shape open) per split
+COUNTS = {"train": (38575, 4000, 422), "test": (9673, 1000, 112)}
+
+
+def test_attributes_stated_by_wh_answers_and_named_in_questions():
+    pairs = [("what color is the circle?", "teal"), ("is there a red shape?", "no")]
+    assert derive_colour_and_shape(pairs) == ("teal", "circle", ("stated", "stated"))
+    assert derive_colour_and_shape([("what is the blue shape?", "rectangle")])[:2] == ("blue", "rectangle")
+
+
+def test_yes_no_answers_flip_under_negation():
+    pairs = [("is there not a gray shape?", "no"), ("does the image not contain a triangle?", "no")]
+    assert derive_colour_and_shape(pairs)[:2] == ("gray", "triangle")
+
+
+def test_attribute_left_after_ruling_out_the_others():
+    pairs = [(f"is there a {colour} shape?", "no") for colour in COLOURS[1:]] + [("is no circle present?", "no")]
+    assert derive_colour_and_shape(pairs) == (COLOURS[0], "circle", ("eliminated", "stated"))
+
+
+def test_open_attribute_is_none_and_contradiction_raises():
+    assert derive_colour_and_shape([("what shape is present?", "circle")]) == (None, "circle", ("open", "stated"))
+    with pytest.raises(ValueError, match="contradictory colour"):
+        derive_colour_and_shape([("what color is the shape?", "red"), ("is there a red shape?", "no")])
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_configurations_have_one_row_per_image_and_per_question(split):
+    num_questions, num_images, uncaptioned = COUNTS[split]
+    captions = easy_vqa_dataset(split, "captions")
+    vqa = easy_vqa_dataset(split, "vqa")
+    assert captions.column_names == vqa.column_names == COLUMNS
+    assert len(captions) == num_images and len(set(captions["image"])) == num_images
+    assert captions["caption"].count(None) == uncaptioned
+    assert set(captions["question"]) == set(captions["answer"]) == {None}
+    assert len(vqa) == num_questions + num_images - uncaptioned
+    caption_rows = vqa.filter(lambda q: q is None, input_columns="question")
+    assert caption_rows["answer"] == caption_rows["caption"] == [c for c in captions["caption"] if c]
+    assert Counter(vqa["answer"]) - Counter(caption_rows["answer"]) == Counter(
+        getattr(easy_vqa, f"get_{split}_questions")()[1]
+    )
+    with Image.open(captions["image"][0]) as image:
+        assert image.size == (64, 64)
+
+
+def test_captions_agree_with_every_colour_and_shape_answer():
+    """Independent of the derivation's logic: every wh-question answer of a captioned image is in its caption."""
+    rows = easy_vqa_dataset("test", "vqa").filter(lambda r: r["caption"] and r["question"])
+    checked = 0
+    for caption, answer in zip(rows["caption"], rows["answer"], strict=True):
+        if answer in COLOURS + SHAPES:
+            assert re.fullmatch(rf"a {answer} \w+|a \w+ {answer}", caption), (caption, answer)
+            checked += 1
+    assert checked > 2000
+
+
+def test_selectable_as_a_dataset_source():
+    captions = load_image_text_dataset(DataArguments(dataset="easy-vqa", dataset_config="captions"), "test")
+    assert len(captions) == 888 and captions.empty_text_rows == 112
+    assert captions[0]["caption"] == "a red triangle" and captions[0]["sample_index"] == 0
+    vqa_args = DataArguments(
+        dataset="easy-vqa",
+        dataset_config="vqa",
+        caption_column=None,
+        question_column="question",
+        answer_column="answer",
+    )
+    questions = load_image_text_dataset(vqa_args, "test")
+    assert len(questions) == 9673 + 888 and questions.dataset.column_names == ["image", "question", "answer"]
+    with pytest.raises(ValueError, match="splits"):
+        easy_vqa_dataset("validation")
