@@ -366,21 +366,29 @@ class SmolVLMQFormerPreTrainedModel(PreTrainedModel):
         qformer_config: dict | None = None,
         **config_kwargs,
     ) -> SmolVLMQFormerPreTrainedModel:
-        """Assembles a model from pretrained checkpoints (Hub ids or local paths).
+        """Assembles a model from pretrained checkpoints (Hub ids or local paths), safetensors weights only (a
+        checkpoint with pickled weights alone is refused).
 
         Vision encoder and Q-Former come from `vision` and `qformer` (a DistilBERT checkpoint), or both from a
         stage-1 checkpoint (`stage1`; its contrastive heads are left behind). The generation model also loads
         `language_model`. `qformer_config` overrides Q-Former settings such as `num_query_tokens` or `losses`.
         """
         if stage1 is not None:
-            retrieval = SmolVLMQFormerForImageTextRetrieval.from_pretrained(stage1)
+            retrieval = SmolVLMQFormerForImageTextRetrieval.from_pretrained(stage1, use_safetensors=True)
             vision_model, qformer_model = retrieval.vision_model, retrieval.qformer
         else:
-            vision_model = AutoModel.from_pretrained(vision)
+            vision_model = AutoModel.from_pretrained(vision, use_safetensors=True)
             qformer_model = QFormerModel.from_pretrained(
-                qformer, encoder_hidden_size=vision_model.config.hidden_size, **(qformer_config or {})
+                qformer,
+                encoder_hidden_size=vision_model.config.hidden_size,
+                use_safetensors=True,
+                **(qformer_config or {}),
             )
-        lm = AutoModelForCausalLM.from_pretrained(language_model) if cls._has_language_model else None
+        lm = (
+            AutoModelForCausalLM.from_pretrained(language_model, use_safetensors=True)
+            if cls._has_language_model
+            else None
+        )
         config = SmolVLMQFormerConfig(
             vision_config=vision_model.config,
             qformer_config=qformer_model.config,
