@@ -271,10 +271,36 @@ def image_text_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -
     return torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)
 
 
-def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy; the matching text of image i is text i."""
-    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.t(), labels)) / 2
+def gather_across_ranks(tensor: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Every rank's `tensor` concatenated along dim 0, gradients flowing back to each row's own rank (the autograd
+    all_gather of `torch.distributed.nn`), where this rank's rows start, and the number of ranks. Ranks may hold
+    different batch sizes (skipped samples): rows are padded for the exchange and dropped after. Without an
+    initialised process group: `(tensor, 0, 1)`."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor, 0, 1
+    from torch.distributed.nn.functional import all_gather
+
+    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size)]
+    torch.distributed.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    sizes = [int(size) for size in sizes]
+    padding = [0, 0] * (tensor.ndim - 1) + [0, max(sizes) - tensor.shape[0]]
+    parts = all_gather(F.pad(tensor, padding))
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sum(sizes[:rank]), world_size
+
+
+def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy, image i matching text i, over the global batch: under torch.distributed each
+    rank scores its images against every rank's texts and its texts against every rank's images (as LAVIS' BLIP-2),
+    scaled so that DDP's average of the ranks' gradients is the gradient of the mean over the global batch."""
+    all_image_feats, offset, world_size = gather_across_ranks(image_feats)
+    all_text_feats, _, _ = gather_across_ranks(text_feats)
+    logits_image_to_text = image_text_similarity(image_feats, all_text_feats) / temperature  # (B, B_global)
+    logits_text_to_image = image_text_similarity(all_image_feats, text_feats).t() / temperature  # (B, B_global)
+    labels = offset + torch.arange(image_feats.shape[0], device=image_feats.device)
+    total = F.cross_entropy(logits_image_to_text, labels, reduction="sum")
+    total = total + F.cross_entropy(logits_text_to_image, labels, reduction="sum")
+    return total / 2 / (all_text_feats.shape[0] / world_size)
 
 
 def sample_hard_negatives(logits_per_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,7 +491,8 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
         return_loss: bool = True,
     ) -> SmolVLMQFormerRetrievalOutput:
         """Scores every image against every text of the batch; with `return_loss`, the configured losses (pair i is
-        the positive of image i and text i)."""
+        the positive of image i and text i). Under torch.distributed, ITC contrasts against the global batch
+        (`contrastive_loss`); ITM draws its hard negatives from the local batch."""
         image_embeds = self.get_image_embeds(pixel_values, image_embeds)
         image_feats = self.get_image_features(image_embeds=image_embeds)
         text_feats = self.get_text_features(input_ids, attention_mask)
@@ -485,7 +512,7 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
         losses = {}
         for name in self.config.qformer_config.losses:
             if name == "itc":
-                losses[name] = contrastive_loss(logits_per_image)
+                losses[name] = contrastive_loss(image_feats, text_feats, temperature)
             elif name == "itm":
                 losses[name], output.itm_logits = self.matching_loss(
                     image_embeds, input_ids, attention_mask, logits_per_image

@@ -137,7 +137,8 @@ def train_qformer(
     )
     metrics = _train(trainer, training_args)
     trainer.save_model(training_args.output_dir)
-    processor.save_pretrained(training_args.output_dir)
+    if trainer.is_world_process_zero():  # one writer per file under torchrun / accelerate
+        processor.save_pretrained(training_args.output_dir)
     return metrics
 
 

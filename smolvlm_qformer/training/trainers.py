@@ -97,6 +97,11 @@ class _SmolVLMTrainer(Trainer):
         skipped = int(inputs.pop("num_skipped", torch.zeros(1)).sum())
         if model.training:
             self.skipped_samples += skipped
+        if "input_ids" not in inputs and self.args.world_size > 1:
+            # the other ranks would wait forever in the ITC gather and DDP's gradient all-reduce: fail instead
+            raise RuntimeError(
+                "every sample of this rank's batch was unreadable; raise the batch size or clean the data"
+            )
         if "input_ids" not in inputs:  # every row of the batch was unreadable: a zero step, not a crash
             loss = sum(p.flatten()[0] for p in model.parameters() if p.requires_grad) * 0.0
             return (loss, None) if return_outputs else loss
