@@ -521,7 +521,8 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
                 losses[name] = self.generation_loss(image_embeds, input_ids, attention_mask)
             output[f"loss_{name}"] = losses[name]
         weights = self.config.qformer_config.loss_weights
-        output.loss = sum(weight * losses[name] for name, weight in zip(losses, weights, strict=True))
+        # item assignment: transformers 4.x's ModelOutput drops a field first set as an attribute (no loss for Trainer)
+        output["loss"] = sum(weight * losses[name] for name, weight in zip(losses, weights, strict=True))
         return output
 
     def matching_loss(
