@@ -50,6 +50,31 @@ def test_labels_give_the_lm_loss_on_answer_tokens_only(model, processor, images)
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_training_scores_only_labelled_positions_with_the_same_loss_and_gradients(model, processor, images):
+    """In training, logits are computed only where some row has a label: the loss and every gradient equal the
+    full-vocabulary, all-positions computation (forced with an explicit `logits_to_keep`)."""
+    batch = processor(images=images[:3], text=[*QUESTIONS, "Is it red?"])
+    labels = torch.full_like(batch.input_ids, -100)
+    labels[0, -3:] = batch.input_ids[0, -3:]
+    labels[1, -5:-2] = batch.input_ids[1, -5:-2]  # overlaps row 0: 5 positions predict a label
+    model.train()
+
+    def loss_and_grads(**kwargs) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        out = model(**batch, labels=labels, **kwargs)
+        out.loss.backward()
+        return out.loss.detach(), out.logits, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss, logits, grads = loss_and_grads()
+    full_loss, full_logits, full_grads = loss_and_grads(logits_to_keep=labels.shape[1])
+    assert logits.shape[1] == 5 and full_logits.shape[1] == labels.shape[1]
+    torch.testing.assert_close(loss, full_loss)
+    assert len(grads) == len(full_grads) > 0
+    for grad, full_grad in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(grad, full_grad)
+
+
 def test_with_lora_disabled_and_no_image_logits_equal_the_bare_lm(model, processor):
     bare_lm = AutoModelForCausalLM.from_config(model.config.text_config).eval()
     bare_lm.load_state_dict(model.language_model.state_dict())
