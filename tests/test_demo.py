@@ -59,7 +59,7 @@ def test_metrics_json(demo):
     assert metrics["image_to_text_r1"] <= metrics["image_to_text_r5"]
     assert metrics["text_to_image_r1"] <= metrics["text_to_image_r5"]
     assert metrics["num_test_questions"] == 20 and metrics["num_train_questions"] == 48
-    assert 0 < metrics["num_test_images"] <= 24  # the captioned ones among the first 24
+    assert 0 < metrics["num_test_captions"] <= metrics["num_test_images"] <= 24  # captioned ones of the first 24
     assert list(metrics["seconds"]) == STAGES and all(s >= 0 for s in metrics["seconds"].values())
     assert metrics["arguments"]["test_questions"] == 20
 

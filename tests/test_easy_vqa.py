@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from smolvlm_qformer.data import DataArguments, load_image_text_dataset
-from smolvlm_qformer.data.easy_vqa import COLOURS, SHAPES, derive_colour_and_shape, easy_vqa_dataset
+from smolvlm_qformer.data.easy_vqa import COLOURS, SHAPES, derive_colour_and_shape, easy_vqa_dataset, says_present
 
 easy_vqa = pytest.importorskip("easy_vqa")
 
@@ -26,6 +26,14 @@ def test_attributes_stated_by_wh_answers_and_named_in_questions():
 def test_yes_no_answers_flip_under_negation():
     pairs = [("is there not a gray shape?", "no"), ("does the image not contain a triangle?", "no")]
     assert derive_colour_and_shape(pairs)[:2] == ("gray", "triangle")
+
+
+def test_says_present_reads_yes_no_answers_through_negations():
+    assert says_present("is there a red shape?", "yes") is True
+    assert says_present("Is there NOT a red shape?", "no") is True
+    assert says_present("is no circle present?", "yes") is False
+    assert says_present("does the image contain a triangle?", "no") is False
+    assert says_present("what color is the shape?", "red") is None
 
 
 def test_attribute_left_after_ruling_out_the_others():

@@ -35,6 +35,14 @@ def caption(colour: str, shape: str) -> str:
     return f"a {colour} {shape}"
 
 
+def says_present(question: str, answer: str) -> bool | None:
+    """For a yes/no question, whether its answer says the colour or shape the question names is in the image (a
+    negation flips the answer: "is there not a red shape?" "no" -> present); None for colour and shape questions."""
+    if answer not in YES_NO:
+        return None
+    return (answer == "yes") != bool(set(re.findall(r"[a-z]+", question.lower())) & NEGATIONS)
+
+
 def _resolve(kind: str, values: tuple[str, ...], stated: set[str], ruled_out: set[str]) -> tuple[str | None, str]:
     """One attribute from what the answers state and what the yes/no answers rule out: (value, how it was found:
     "stated" / "eliminated"), or (None, "open") when several values remain."""
@@ -59,8 +67,8 @@ def derive_colour_and_shape(qa_pairs: Iterable[tuple[str, str]]) -> tuple[str | 
     ruled_out: dict[str, set[str]] = defaultdict(set)
     for question, answer in qa_pairs:
         words = set(re.findall(r"[a-z]+", question.lower()))
-        if answer in YES_NO:
-            holds = (answer == "yes") != bool(words & NEGATIONS)
+        holds = says_present(question, answer)
+        if holds is not None:
             for kind, values in vocabularies.items():
                 (stated if holds else ruled_out)[kind].update(words.intersection(values))
         else:
