@@ -34,8 +34,10 @@ except ImportError:  # transformers 4
 
 AttentionMode = Literal["unimodal", "bidirectional", "multimodal_causal"]
 
-# LoRA targets: the LM's attention projections only (a bare ["q_proj", "v_proj"] also hits the vision encoder).
+# LoRA targets, by full module name (a bare ["q_proj", "v_proj"] also hits the vision encoder): the LM's attention
+# projections (the default), or those and its MLP projections (2.65x the LoRA parameters on SmolLM2).
 LORA_TARGET_MODULES = r"(.*\.)?language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
+LORA_ALL_LINEAR_MODULES = r"(.*\.)?language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 # --------------------------------------------------------------------------------------------------------------

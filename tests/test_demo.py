@@ -42,7 +42,8 @@ def demo(tmp_path_factory, processor):
         test_questions=20,
         stage1_epochs=1,
         stage2_epochs=1,
-        batch_size=16,
+        stage1_batch_size=16,
+        stage2_batch_size=16,
         num_query_tokens=processor.num_query_tokens,
         lora_r=4,
         image_size=None,  # the tiny ViT's own 32 px

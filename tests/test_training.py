@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
+from smolvlm_qformer import LORA_ALL_LINEAR_MODULES, LORA_TARGET_MODULES
 from smolvlm_qformer.data import (
     ChatCollator,
     DataArguments,
@@ -174,8 +175,13 @@ def test_labels_cover_exactly_the_answer_and_end_of_turn_for_every_prompt(proces
         assert len(seen) == len(prompts.system_prompts) * len(prompts.caption_prompts)
 
 
-def test_stage2_changes_only_qformer_adapter_and_lora(backbones, shapes, processor, tmp_path):
-    model, processor = build_stage2(_model_args(backbones, lora_r=4, lora_alpha=8))
+@pytest.mark.parametrize("targets", [LORA_TARGET_MODULES, LORA_ALL_LINEAR_MODULES], ids=["attention", "all-linear"])
+def test_stage2_changes_only_qformer_adapter_and_lora(backbones, shapes, processor, tmp_path, targets):
+    model, processor = build_stage2(_model_args(backbones, lora_r=4, lora_alpha=8, lora_target_modules=targets))
+    lora_layers = {name.split(".")[-4] for name, _ in model.named_parameters() if "lora_A" in name}
+    attention, mlp = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
+    assert lora_layers == (attention | mlp if targets == LORA_ALL_LINEAR_MODULES else attention)
+    assert not any("lora_" in name for name, _ in model.named_parameters() if "vision_model" in name)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     train, _ = split_train_eval(_vqa_data(shapes), seed=42)
     trainer = VLMTrainer(

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..modeling_smolvlm_qformer import LORA_TARGET_MODULES
+
 
 @dataclass
 class ModelArguments:
@@ -23,6 +25,8 @@ class ModelArguments:
     lora_r: int = 64
     lora_alpha: int = 128
     lora_dropout: float = 0.1
+    lora_target_modules: str = LORA_TARGET_MODULES
+    """Regex over full module names: the LM's attention projections; `LORA_ALL_LINEAR_MODULES` adds its MLP."""
 
 
 @dataclass

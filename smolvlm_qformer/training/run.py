@@ -11,11 +11,7 @@ from transformers import set_seed
 
 from ..data import ChatCollator, FeatureCache, IndexedDataset, PromptConfig, RetrievalCollator, split_train_eval
 from ..data.sources import DataArguments
-from ..modeling_smolvlm_qformer import (
-    LORA_TARGET_MODULES,
-    SmolVLMQFormerForConditionalGeneration,
-    SmolVLMQFormerForImageTextRetrieval,
-)
+from ..modeling_smolvlm_qformer import SmolVLMQFormerForConditionalGeneration, SmolVLMQFormerForImageTextRetrieval
 from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
 from .arguments import ModelArguments, SmolVLMTrainingArguments
 from .trainers import QFormerTrainer, VLMTrainer
@@ -40,8 +36,8 @@ def build_stage1(model_args: ModelArguments) -> tuple[SmolVLMQFormerForImageText
 
 
 def build_stage2(model_args: ModelArguments) -> tuple[PeftModel, SmolVLMQFormerProcessor]:
-    """The generation model from the stage-1 folder (or fresh backbones), wrapped for LoRA: the LM's attention
-    projections get LoRA, the Q-Former and adapter train in full, the rest is frozen."""
+    """The generation model from the stage-1 folder (or fresh backbones), wrapped for LoRA: the LM's projections
+    that `lora_target_modules` names get LoRA, the Q-Former and adapter train in full, the rest is frozen."""
     if model_args.stage1_model is not None:
         # trust_remote_code: the folder carries our own code; without it, transformers asks on a terminal (15 s)
         processor = SmolVLMQFormerProcessor.from_pretrained(model_args.stage1_model, trust_remote_code=True)
@@ -66,7 +62,7 @@ def build_stage2(model_args: ModelArguments) -> tuple[PeftModel, SmolVLMQFormerP
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
-        target_modules=LORA_TARGET_MODULES,
+        target_modules=model_args.lora_target_modules,
         modules_to_save=["qformer", "adapter"],
     )
     return get_peft_model(model, lora), processor
