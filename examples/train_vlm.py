@@ -9,8 +9,6 @@ pipeline("image-text-to-text"), trust_remote_code=True) and the unmerged adapter
 
 import sys
 
-import torch
-
 from smolvlm_qformer.cli import parse_arguments
 from smolvlm_qformer.data import DataArguments
 from smolvlm_qformer.training import ModelArguments, SmolVLMTrainingArguments, train_vlm
@@ -29,7 +27,6 @@ REFERENCE = {
     "new_parts_learning_rate": 5e-4,  # the MLP adapter and LoRA
     "warmup_steps": 100,
     "max_grad_norm": 1.0,
-    "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     "eval_strategy": "steps",
     "eval_steps": 500,
     "save_strategy": "steps",

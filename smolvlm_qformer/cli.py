@@ -115,9 +115,11 @@ def _generation_parser(prog: str, question: bool) -> argparse.ArgumentParser:
 
 
 def _generate(model_path: str, images: list[str], question: str | None, max_new_tokens: int, device: str) -> None:
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .data import decode_image
+    from .training import bf16_is_fast
 
     decoded = []
     for path in images:
@@ -126,7 +128,9 @@ def _generate(model_path: str, images: list[str], question: str | None, max_new_
         except Exception as error:  # noqa: BLE001 - reported with the input's name
             raise SystemExit(f"error: cannot read image {path!r}: {error}") from None
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True).to(device).eval()
+    dtype = torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=dtype)
+    model = model.to(device).eval()
     inputs = processor(images=decoded, text=None if question is None else [question] * len(decoded)).to(device)
     context = model.config.text_config.max_position_embeddings
     if inputs.input_ids.shape[1] + max_new_tokens > context:

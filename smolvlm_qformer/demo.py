@@ -58,6 +58,7 @@ from .training import (
     QFormerTrainer,
     SmolVLMTrainingArguments,
     VLMTrainer,
+    bf16_is_fast,
     build_stage1,
     build_stage2,
     save_stage2,
@@ -403,8 +404,10 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     histories["stage 2 (LM loss on answers)"] = trainer.state.log_history
     del vlm, trainer
 
-    # Evaluate the saved folder, loaded as anyone would load it.
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).to(args.device).eval()
+    # Evaluate the saved folder, loaded as anyone would load it (in bf16 where that is faster).
+    dtype = torch.bfloat16 if bf16_is_fast(args.device) else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype)
+    model = model.to(args.device).eval()
     test_questions, _ = _questions_and_captions(_rows("test", "vqa", set(image_index["test"]), **question_columns))
     test_questions = _sample(test_questions, args.test_questions, args.seed)
     question_features, _ = caches["test"].get([image_index["test"][path] for path in test_questions["image"]])

@@ -44,6 +44,7 @@ def _arguments(setup: dict, output_dir: str, batch_size: int) -> SmolVLMTraining
         save_strategy="no",
         report_to=[],
         use_cpu=True,  # without it, Trainer on a CPU-only machine leaves each process training alone
+        bf16=False,  # compared with one process to float32 precision
         disable_tqdm=True,
         seed=42,
     )

@@ -24,6 +24,7 @@ from smolvlm_qformer.training import (
     QFormerTrainer,
     SmolVLMTrainingArguments,
     VLMTrainer,
+    bf16_is_fast,
     build_stage1,
     build_stage2,
     save_stage2,
@@ -72,6 +73,7 @@ def _training_args(output_dir, **kwargs) -> SmolVLMTrainingArguments:
         save_strategy="no",
         report_to=[],
         use_cpu=True,
+        bf16=False,  # the tests compare exact losses across code paths; bf16 is tested on its own
         disable_tqdm=True,
     )
     return SmolVLMTrainingArguments(output_dir=str(output_dir), **{**defaults, **kwargs})
@@ -316,6 +318,18 @@ def test_optimizer_groups_give_new_parts_their_rate_and_no_decay_to_norms_and_bi
     assert settings[id(named["vision_proj.bias"])] == (1e-3, 0.0)
     assert settings[id(named["temperature"])] == (1e-3, 0.0)
     assert not any(id(p) in settings for name, p in named.items() if name.startswith("vision_model"))
+
+
+def test_bf16_defaults_to_what_the_device_runs_natively_and_can_be_turned_off(tmp_path, monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert bf16_is_fast("cpu") is native
+        assert _training_args(tmp_path, bf16=None).bf16 is native
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert _training_args(tmp_path, bf16=False).bf16 is False
+    if not torch.cuda.is_available():  # no CUDA and no use_cpu: transformers would refuse bf16, so it stays off
+        assert _training_args(tmp_path, bf16=None, use_cpu=False).bf16 is False
 
 
 def test_streaming_data_and_gradient_checkpointing(backbones, shapes, tmp_path):
