@@ -107,8 +107,9 @@ class DemoArguments:
     """Side the vision encoder sees (DINOv2 interpolates its position embeddings; 56 = 4 x 4 patches of 14 px for
     easy-VQA's 64 px images). None keeps the image processor's own size."""
     lm_dtype: str = "bfloat16"
-    """Stage 2 keeps the frozen LM weights in this dtype (LoRA, Q-Former and adapter train in float32; the saved model
-    is float32). bfloat16 halves stage 2's time on CPUs with bf16 matrix units; "float32" turns it off."""
+    """Stage 2 keeps the frozen LM weights in this dtype (the saved model is float32); bfloat16 halves stage 2's time
+    on CPUs with bf16 matrix units, "float32" turns it off. Both stages train without autocast: with stage 1 in bf16
+    autocast (2x faster), stage 2 reached 94% test VQA instead of 98.7%."""
     lm_attention: str | None = None
     """The LM's attention implementation. Default: "eager" on CPU (its training step is 1.5x faster than with SDPA's
     CPU kernels on these ~40-token sequences), "sdpa" elsewhere."""
@@ -194,6 +195,7 @@ def _training_args(args: DemoArguments, output_dir: Path, epochs: float, batch_s
         report_to=[],
         seed=args.seed,
         use_cpu=args.device == "cpu",
+        bf16=False,  # see lm_dtype
     )
 
 
