@@ -328,6 +328,9 @@ def test_bf16_defaults_to_what_the_device_runs_natively_and_can_be_turned_off(tm
         assert _training_args(tmp_path, bf16=None).bf16 is native
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert _training_args(tmp_path, bf16=False).bf16 is False
+    # a GPU that only emulates bf16 (pre-Ampere): slower, and Trainer refuses bf16 there
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert bf16_is_fast("cuda") is False
     if not torch.cuda.is_available():  # no CUDA and no use_cpu: transformers would refuse bf16, so it stays off
         assert _training_args(tmp_path, bf16=None, use_cpu=False).bf16 is False
 

@@ -10,16 +10,16 @@ from transformers import TrainingArguments
 from ..modeling_smolvlm_qformer import LORA_TARGET_MODULES
 
 
-def bf16_is_fast(device: str | torch.device | None = None) -> bool:
-    """Whether bfloat16 runs faster than float32 on `device` (default: CUDA when present, else the CPU).
+def bf16_is_fast(device: str | torch.device) -> bool:
+    """Whether bfloat16 runs faster than float32 on `device`.
 
-    True on CUDA GPUs with bf16 and on CPUs with native bf16 matrix instructions (AVX512-BF16 or AMX), where
-    `benchmarks/bench_vlm.py` measures a stage-2 step 2.2x and `bench_generate.py` a caption 2.1x faster than in
-    float32; elsewhere bf16 is emulated and slower.
+    True on CUDA GPUs with native bf16 (Ampere and later) and on CPUs with native bf16 matrix instructions
+    (AVX512-BF16 or AMX), where `benchmarks/bench_vlm.py` measures a stage-2 step 2.2x and `bench_generate.py` a
+    caption 2.1x faster than in float32; elsewhere bf16 is emulated and slower (and Trainer refuses it on GPUs).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # False without CUDA
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
@@ -67,5 +67,5 @@ class SmolVLMTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         if self.bf16 is None:  # transformers allows bf16 on a CPU only with use_cpu
-            self.bf16 = bf16_is_fast("cpu") if self.use_cpu else torch.cuda.is_available() and bf16_is_fast("cuda")
+            self.bf16 = bf16_is_fast("cpu" if self.use_cpu else "cuda")
         super().__post_init__()
