@@ -1,6 +1,7 @@
 """Captioning speed at the reference shapes (ViT-B/16 at 224, DistilBERT-base Q-Former with 32 queries,
 SmolLM2-135M): one image from pixels (vision encoder + Q-Former + adapter + exactly 30 new tokens, greedy, KV cache)
-for latency, and a batch of 16 images for throughput, interleaved in one process, fp32 and bf16.
+for latency, and a batch of 16 images for throughput, interleaved in one process, fp32 and (where the device runs
+it natively, or with `--bf16 on`) bf16.
 
     python benchmarks/bench_generate.py [--quick] [--json out.json]
 """
@@ -8,7 +9,7 @@ for latency, and a batch of 16 images for throughput, interleaved in one process
 from __future__ import annotations
 
 import torch
-from common import interleaved_medians, parse_args, print_table, reference_config, write_json
+from common import interleaved_medians, parse_args, precisions, print_table, reference_config, write_json
 
 from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration
 
@@ -34,10 +35,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config = reference_config(args.tiny)
     vision = config.vision_config
     pixels = torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size)
-    models = {
-        "fp32": SmolVLMQFormerForConditionalGeneration(config).eval(),
-        "bf16": SmolVLMQFormerForConditionalGeneration(config).to(torch.bfloat16).eval(),
-    }
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    models = {p: SmolVLMQFormerForConditionalGeneration(config).to(dtypes[p]).eval() for p in precisions(args)}
     contenders, images_per_call = {}, {}
     for precision, model in models.items():
         dtype = next(model.parameters()).dtype

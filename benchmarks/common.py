@@ -30,6 +30,7 @@ from torch.utils.flop_counter import (
 )
 
 from smolvlm_qformer import SmolVLMQFormerConfig, SmolVLMQFormerForConditionalGeneration
+from smolvlm_qformer.hardware import bf16_is_fast, describe_cpu
 from smolvlm_qformer.modeling_smolvlm_qformer import LORA_TARGET_MODULES, scored_positions
 from smolvlm_qformer.testing_utils import tiny_config, tiny_processor
 from smolvlm_qformer.training import ModelArguments
@@ -40,12 +41,30 @@ from smolvlm_qformer.training import ModelArguments
 
 
 def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags every script takes: --json PATH, --quick (a run of seconds), --tiny (test-sized shapes)."""
+    """The flags every script takes: --json PATH, --quick (a run of seconds), --tiny (test-sized shapes), --bf16."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     parser.add_argument("--quick", action="store_true", help="few steps and small batches: a run of seconds")
     parser.add_argument("--tiny", action="store_true", help="tiny models instead of the reference shapes (tests)")
+    parser.add_argument(
+        "--bf16",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="also time bf16 contenders: auto = where the device runs bf16 natively (on an AVX2-only CPU it is "
+        "emulated, ~60x slower than fp32)",
+    )
     return parser.parse_args(argv)
+
+
+def precisions(args: argparse.Namespace, device: torch.device | str = "cpu") -> list[str]:
+    """The precisions to time: fp32, and bf16 where `--bf16` (by default the hardware) says so."""
+    with_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and bf16_is_fast(device))
+    return ["fp32", "bf16"] if with_bf16 else ["fp32"]
+
+
+def machine_note() -> str:
+    """The CPU facts that timings depend on, for the line under every table."""
+    return "CPU: " + ", ".join(f"{name} {value}" for name, value in describe_cpu().items())
 
 
 def load_average() -> str:
@@ -85,7 +104,7 @@ def print_table(title: str, header: list[str], rows: list[list[Any]], notes: lis
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in cells:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
-    print(f"\n{load_average()}; torch threads: {torch.get_num_threads()}")
+    print(f"\n{load_average()}; {machine_note()}")
     for note in notes:
         print(note)
 
@@ -101,7 +120,8 @@ def write_json(path: Path | None, figures: dict[str, Any]) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**figures, "load_average": list(os.getloadavg())}, indent=2) + "\n")
+    machine = {"load_average": list(os.getloadavg()), "cpu": describe_cpu()}
+    path.write_text(json.dumps({**figures, **machine}, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------

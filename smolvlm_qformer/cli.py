@@ -115,11 +115,10 @@ def _generation_parser(prog: str, question: bool) -> argparse.ArgumentParser:
 
 
 def _generate(model_path: str, images: list[str], question: str | None, max_new_tokens: int, device: str) -> None:
-    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .data import decode_image
-    from .training import bf16_is_fast
+    from .hardware import fast_dtype
 
     decoded = []
     for path in images:
@@ -128,8 +127,7 @@ def _generate(model_path: str, images: list[str], question: str | None, max_new_
         except Exception as error:  # noqa: BLE001 - reported with the input's name
             raise SystemExit(f"error: cannot read image {path!r}: {error}") from None
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    dtype = torch.bfloat16 if bf16_is_fast(device) else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=fast_dtype(device))
     model = model.to(device).eval()
     inputs = processor(images=decoded, text=None if question is None else [question] * len(decoded)).to(device)
     context = model.config.text_config.max_position_embeddings

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from transformers import AutoModelForImageTextToText, set_seed
@@ -50,6 +51,7 @@ from .data import (
 )
 from .data.easy_vqa import easy_vqa_dataset
 from .evaluation import load_metric, normalize_vqa_answer, retrieval_recall_at_k, retrieval_scores
+from .hardware import fast_dtype
 from .model_card import write_model_card
 from .modeling_smolvlm_qformer import LORA_ALL_LINEAR_MODULES
 from .processing_smolvlm_qformer import DEFAULT_CAPTION_PROMPT
@@ -58,7 +60,6 @@ from .training import (
     QFormerTrainer,
     SmolVLMTrainingArguments,
     VLMTrainer,
-    bf16_is_fast,
     build_stage1,
     build_stage2,
     save_stage2,
@@ -106,10 +107,11 @@ class DemoArguments:
     image_size: int | None = 56
     """Side the vision encoder sees (DINOv2 interpolates its position embeddings; 56 = 4 x 4 patches of 14 px for
     easy-VQA's 64 px images). None keeps the image processor's own size."""
-    lm_dtype: str = "bfloat16"
-    """Stage 2 keeps the frozen LM weights in this dtype (the saved model is float32); bfloat16 halves stage 2's time
-    on CPUs with bf16 matrix units, "float32" turns it off. Both stages train without autocast: with stage 1 in bf16
-    autocast (2x faster), stage 2 reached 94% test VQA instead of 98.7%."""
+    lm_dtype: str | None = None
+    """Stage 2 keeps the frozen LM weights in this dtype (the saved model is float32). Default: bfloat16 where the
+    device runs it natively (`hardware.bf16_is_fast`: it halves stage 2's time there), else float32 (on an AVX2-only
+    CPU bf16 is emulated and a step took 170 s instead of 3 s). Both stages train without autocast: with stage 1 in
+    bf16 autocast (2x faster), stage 2 reached 94% test VQA instead of 98.7%."""
     lm_attention: str | None = None
     """The LM's attention implementation. Default: "eager" on CPU (its training step is 1.5x faster than with SDPA's
     CPU kernels on these ~40-token sequences), "sdpa" elsewhere."""
@@ -118,6 +120,10 @@ class DemoArguments:
     device: str | None = None
     """Default: cuda when available, else cpu."""
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.lm_dtype = self.lm_dtype or str(fast_dtype(self.device)).removeprefix("torch.")
 
 
 class SharedImageFeatures:
@@ -253,7 +259,7 @@ def _plot_examples(path: Path, examples: list[dict[str, str]]) -> None:
     for ax in axes.flat:
         ax.axis("off")
     for ax, example in zip(axes.flat, examples, strict=False):
-        ax.imshow(decode_image(example["image"]), interpolation="nearest")
+        ax.imshow(np.asarray(decode_image(example["image"])), interpolation="nearest")
         right = normalize_vqa_answer(example["prediction"]) == normalize_vqa_answer(example["answer"])
         ax.set_title(
             f"{example['question']}\nmodel: {example['prediction']}  (truth: {example['answer']})",
@@ -276,7 +282,7 @@ def _plot_query_attention(path: Path, model: Any, image: Any, image_embeds: torc
     axes = figure.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    axes[0, 0].imshow(image, interpolation="nearest")
+    axes[0, 0].imshow(np.asarray(image), interpolation="nearest")
     axes[0, 0].set_title("image", fontsize=8)
     for q, attention_map in enumerate(maps):
         ax = axes[q // (columns - 1), 1 + q % (columns - 1)]
@@ -305,7 +311,6 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     """The whole demo; returns the metrics it writes to `output_dir/metrics.json`. `backbones` replaces the fetched
     assets (e.g. tiny stand-ins in tests)."""
     start = time.perf_counter()
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     output_dir = Path(args.output_dir or f"smolvlm-qformer-demo-{datetime.now():%Y%m%d-%H%M%S}")
     output_dir.mkdir(parents=True, exist_ok=True)
     logger.info("demo: writing to %s (device %s)", output_dir, args.device)
@@ -407,8 +412,9 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     del vlm, trainer
 
     # Evaluate the saved folder, loaded as anyone would load it (in bf16 where that is faster).
-    dtype = torch.bfloat16 if bf16_is_fast(args.device) else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, trust_remote_code=True, dtype=fast_dtype(args.device)
+    )
     model = model.to(args.device).eval()
     test_questions, _ = _questions_and_captions(_rows("test", "vqa", set(image_index["test"]), **question_columns))
     test_questions = _sample(test_questions, args.test_questions, args.seed)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import get_activation
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.distilbert.modeling_distilbert import (
     DistilBertPreTrainedModel,
     Embeddings,
@@ -33,6 +34,20 @@ except ImportError:  # transformers 4
     from torch.nn import init
 
 AttentionMode = Literal["unimodal", "bidirectional", "multimodal_causal"]
+
+# What the running transformers release calls the KV cache, in model outputs and `forward` arguments: `cache` from
+# 5.24 on, `past_key_values` before. Read from the library's own output class, so it follows any release.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def pop_cache(kwargs: dict) -> object | None:
+    """The KV cache from `forward` / generation kwargs under either name (callers and releases use both), removed
+    from `kwargs` so that it is passed on under `CACHE_NAME` only."""
+    cache, legacy = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    if cache is not None and legacy is not None:
+        raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
+    return cache if cache is not None else legacy
+
 
 # LoRA targets, by full module name (a bare ["q_proj", "v_proj"] also hits the vision encoder): the LM's attention
 # projections (the default), or those and its MLP projections (2.65x the LoRA parameters on SmolLM2).
@@ -575,19 +590,15 @@ class SmolVLMQFormerAdapter(nn.Module):
 
 
 @dataclass
-class SmolVLMQFormerCausalLMOutput(ModelOutput):
-    """
-    loss: LM loss over the positions whose label is not -100 (the answer).
-    logits: (B, L, vocab) LM logits; in training with labels, (B, K, vocab) at the K positions that predict a label
-        in some row of the batch (see `scored_positions`).
+class SmolVLMQFormerCausalLMOutput(CausalLMOutputWithPast):
+    """transformers' causal-LM output (its cache field named as the running release names it), plus:
+
     image_hidden_states: (B, Q, H) the adapted query embeddings spliced into the prompt, when an image was given.
+
+    In training with labels, `logits` are (B, K, vocab) at the K positions that predict a label in some row of the
+    batch (see `scored_positions`); `loss` is the LM loss over the positions whose label is not -100 (the answer).
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -669,7 +680,6 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: object | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         image_embeds: torch.Tensor | None = None,
@@ -677,6 +687,8 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> SmolVLMQFormerCausalLMOutput:
+        """`kwargs` carry the KV cache (as `cache` or `past_key_values`) and whatever the LM's forward takes."""
+        cache = pop_cache(kwargs)
         image_features = None
         if inputs_embeds is None:
             inputs_embeds, image_features = self.embed_prompt(input_ids, pixel_values, image_embeds)
@@ -686,16 +698,16 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
         return SmolVLMQFormerCausalLMOutput(
             loss=outputs.loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -710,9 +722,9 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
     ) -> dict:
         """The image goes in at prefill only; later steps reuse the KV cache."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
-        # An empty (or no) cache means the whole prompt runs now: the same test on transformers 4.x and 5.x.
-        past_key_values = kwargs.get("past_key_values")
-        is_prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        # An empty (or no) cache means the whole prompt runs now: the same test on every release.
+        cache = model_inputs.get(CACHE_NAME)
+        is_prefill = cache is None or cache.get_seq_length() == 0
         model_inputs["pixel_values"] = pixel_values if is_prefill else None
         model_inputs["image_embeds"] = image_embeds if is_prefill else None
         return model_inputs

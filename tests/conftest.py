@@ -3,8 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from warnings_policy import attribute_to_callers
 
 from smolvlm_qformer.testing_utils import tiny_config, tiny_processor
+
+attribute_to_callers()
 
 
 @pytest.fixture(scope="session")

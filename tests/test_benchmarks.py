@@ -20,17 +20,21 @@ def benchmarks_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
 
 
-def run_script(name: str, tmp_path: Path) -> tuple[dict, str]:
+def run_script(name: str, tmp_path: Path, *flags: str) -> tuple[dict, str]:
     """Runs `benchmarks/<name>.py --tiny --quick --json ...` as a user would; returns its JSON and stdout."""
     out = tmp_path / f"{name}.json"
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--tiny", "--quick", "--json", str(out)],
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--tiny", "--quick", "--json", str(out), *flags],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(out.read_text()), result.stdout
+    figures = json.loads(out.read_text())
+    # the CPU the figures were measured on, under every table and in the JSON
+    assert set(figures["cpu"]) >= {"cpu_capability", "avx512_bf16", "amx", "bf16_is_fast"}
+    assert f"cpu_capability {figures['cpu']['cpu_capability']}" in result.stdout
+    return figures, result.stdout
 
 
 def test_bench_qformer(tmp_path):
@@ -49,8 +53,9 @@ def test_bench_qformer(tmp_path):
 
 
 def test_bench_vlm(tmp_path):
-    figures, stdout = run_script("bench_vlm", tmp_path)
-    assert "bare LM + LoRA, fp32" in stdout
+    figures, stdout = run_script("bench_vlm", tmp_path, "--bf16", "on")
+    assert "bare LM + LoRA, fp32" in stdout and "bare LM + LoRA, bf16" in stdout
+    assert 0 < figures["utilisation_of_bf16_peak"] < 5
     assert 0 < figures["utilisation_of_fp32_peak"] < 5
     assert figures["overhead_vs_bare_lm"] > -1
     # the VLM step does the LM's work plus the Q-Former's: more FLOPs than the bare LM over the same tokens
@@ -60,8 +65,20 @@ def test_bench_vlm(tmp_path):
 def test_bench_generate(tmp_path):
     figures, stdout = run_script("bench_generate", tmp_path)
     assert figures["caption_latency_s"] > 0 and figures["new_tokens"] == 30
-    assert set(figures["images_per_s"]) == {"fp32", "bf16"}
+    # bf16 is timed only where the CPU runs it natively (on AVX2 it would be emulated, ~60x slower)
+    assert set(figures["images_per_s"]) == ({"fp32", "bf16"} if figures["cpu"]["bf16_is_fast"] else {"fp32"})
     assert "caption latency" in stdout
+
+
+def test_benchmarks_time_bf16_only_where_the_hardware_runs_it(monkeypatch):
+    from common import parse_args, precisions
+
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert precisions(parse_args("", [])) == (["fp32", "bf16"] if native else ["fp32"])
+        assert precisions(parse_args("", ["--bf16", "off"])) == ["fp32"]
+        assert precisions(parse_args("", ["--bf16", "on"])) == ["fp32", "bf16"]
 
 
 def test_bench_memory(tmp_path):

@@ -1,7 +1,8 @@
 """Save -> load in a fresh process (package not importable) through the Auto classes and pipelines.
 
-Every direction between this interpreter's transformers line and the one of `$SMOLVLM_OTHER_PYTHON` (an interpreter
-with the other line, e.g. 4.57.x next to 5.x; `.ci/run` sets it) is checked when that variable is set.
+Every direction between this interpreter's transformers release and those of `$SMOLVLM_OTHER_PYTHONS` (interpreters
+with other releases of the supported range, separated by `os.pathsep`: `.ci/run` sets 4.57.x and 5.19.x next to the
+newest 5.x) is checked when that variable is set.
 """
 
 import json
@@ -14,8 +15,8 @@ import pytest
 
 ROUNDTRIP = Path(__file__).with_name("roundtrip.py")
 INTERPRETERS = {"this": sys.executable}
-if os.environ.get("SMOLVLM_OTHER_PYTHON"):
-    INTERPRETERS["other"] = os.environ["SMOLVLM_OTHER_PYTHON"]
+for python in filter(None, os.environ.get("SMOLVLM_OTHER_PYTHONS", "").split(os.pathsep)):
+    INTERPRETERS[Path(python).parent.parent.name] = python  # named by its environment, e.g. .venv-tf4
 
 
 def _run(python: str, *args: str) -> str:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, TrainerCallback
+from transformers import AutoModelForImageTextToText, TrainerCallback, TrainingArguments
 
 from smolvlm_qformer import LORA_ALL_LINEAR_MODULES, LORA_TARGET_MODULES
 from smolvlm_qformer.data import (
@@ -18,13 +18,13 @@ from smolvlm_qformer.data import (
     decode_image,
     split_train_eval,
 )
+from smolvlm_qformer.hardware import bf16_is_fast, fast_dtype
 from smolvlm_qformer.testing_utils import make_shapes_dataset, save_tiny_backbones
 from smolvlm_qformer.training import (
     ModelArguments,
     QFormerTrainer,
     SmolVLMTrainingArguments,
     VLMTrainer,
-    bf16_is_fast,
     build_stage1,
     build_stage2,
     save_stage2,
@@ -32,6 +32,12 @@ from smolvlm_qformer.training import (
 )
 
 CHANCE = 1 / 12  # 4 colours x 3 shapes
+# transformers 5.24 renamed `gradient_checkpointing` (still accepted, with a FutureWarning) to this
+CHECKPOINTING = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in TrainingArguments.__dataclass_fields__
+)
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +331,7 @@ def test_bf16_defaults_to_what_the_device_runs_natively_and_can_be_turned_off(tm
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
         assert bf16_is_fast("cpu") is native
+        assert fast_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
         assert _training_args(tmp_path, bf16=None).bf16 is native
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert _training_args(tmp_path, bf16=False).bf16 is False
@@ -339,10 +346,11 @@ def test_streaming_data_and_gradient_checkpointing(backbones, shapes, tmp_path):
     metrics = train_qformer(
         _model_args(backbones),
         _caption_data(shapes, streaming=True, max_samples=40),
-        _training_args(tmp_path, max_steps=3, gradient_checkpointing=True),
+        _training_args(tmp_path, max_steps=3, **{CHECKPOINTING: True}),
     )
     assert metrics["train_loss"] > 0 and metrics["train_skipped_samples"] == 0
     model, processor = build_stage2(_model_args(backbones, lora_r=4, lora_alpha=8))
     train, _ = split_train_eval(_vqa_data(shapes), seed=42)
-    args = _training_args(tmp_path / "vlm", max_steps=2, gradient_checkpointing=True)
+    args = _training_args(tmp_path / "vlm", max_steps=2, **{CHECKPOINTING: True})
     VLMTrainer(model=model, args=args, train_dataset=train, data_collator=ChatCollator(processor)).train()
+    assert any(getattr(module, "gradient_checkpointing", False) for module in model.modules())

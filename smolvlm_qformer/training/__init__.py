@@ -1,6 +1,6 @@
 """Both training stages: arguments, `Trainer` subclasses and entry points."""
 
-from .arguments import ModelArguments, SmolVLMTrainingArguments, bf16_is_fast
+from .arguments import ModelArguments, SmolVLMTrainingArguments
 from .run import build_stage1, build_stage2, save_stage2, train_qformer, train_vlm
 from .trainers import QFormerTrainer, VLMTrainer
 
@@ -9,7 +9,6 @@ __all__ = [
     "QFormerTrainer",
     "SmolVLMTrainingArguments",
     "VLMTrainer",
-    "bf16_is_fast",
     "build_stage1",
     "build_stage2",
     "save_stage2",

@@ -4,23 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from transformers import TrainingArguments
 
+from ..hardware import bf16_is_fast
 from ..modeling_smolvlm_qformer import LORA_TARGET_MODULES
-
-
-def bf16_is_fast(device: str | torch.device) -> bool:
-    """Whether bfloat16 runs faster than float32 on `device`.
-
-    True on CUDA GPUs with native bf16 (Ampere and later) and on CPUs with native bf16 matrix instructions
-    (AVX512-BF16 or AMX), where `benchmarks/bench_vlm.py` measures a stage-2 step 2.2x and `bench_generate.py` a
-    caption 2.1x faster than in float32; elsewhere bf16 is emulated and slower (and Trainer refuses it on GPUs).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)  # False without CUDA
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 @dataclass
