@@ -104,6 +104,8 @@ class SmolVLMQFormerConfig(PretrainedConfig):
     """
 
     model_type = "smolvlm_qformer"
+    # Trainer's evaluation drops these output fields (the KV cache, under the name of either release line)
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     sub_configs = {
         "vision_config": PretrainedConfig,
         "qformer_config": SmolVLMQFormerQFormerConfig,
