@@ -51,7 +51,10 @@ def measure(stage: str, batch: int, steps: int, tiny: bool) -> tuple[float, floa
     config = reference_config(tiny)
     if stage == "stage 1":
         model = SmolVLMQFormerForImageTextRetrieval(config)
-        inputs = {"image_embeds": cached_image_features(config, batch), **stage1_text(config, batch, CAPTION_TOKENS)}
+        inputs = {
+            "vision_hidden_states": cached_image_features(config, batch),
+            **stage1_text(config, batch, CAPTION_TOKENS),
+        }
     else:
         model = stage2_model(config)
         inputs = stage2_batch(config, batch, TEXT_TOKENS)

@@ -67,12 +67,16 @@ class Blip2QFormerITC(nn.Module):
         self.temperature = nn.Parameter(torch.tensor(q.temperature))
 
     def forward(
-        self, image_embeds: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor
+        self, vision_hidden_states: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor
     ) -> SimpleNamespace:
-        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        image_attention_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        query_tokens = self.query_tokens.expand(vision_hidden_states.shape[0], -1, -1)
+        image_attention_mask = torch.ones(
+            vision_hidden_states.shape[:-1], dtype=torch.long, device=vision_hidden_states.device
+        )
         query_output = self.qformer(
-            query_embeds=query_tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_attention_mask
+            query_embeds=query_tokens,
+            encoder_hidden_states=vision_hidden_states,
+            encoder_attention_mask=image_attention_mask,
         ).last_hidden_state
         text_output = self.qformer(
             query_embeds=self.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask
@@ -99,11 +103,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     blip2 = Blip2QFormerITC(config)
     with tempfile.TemporaryDirectory() as folder:
         cache = build_feature_cache(ours.vision_model, image_processor, [{"image": image} for image in images], folder)
-        image_embeds = cache.get(range(batch))[0].float()
+        vision_hidden_states = cache.get(range(batch))[0].float()
         contenders = {
-            "ours, ITC": training_step(ours, {"image_embeds": image_embeds, **text}),
-            "BLIP-2 Q-Former, ITC": training_step(blip2, {"image_embeds": image_embeds, **text}),
-            "ours, feature cache": training_step(ours, lambda: {"image_embeds": cache.get(range(batch))[0], **text}),
+            "ours, ITC": training_step(ours, {"vision_hidden_states": vision_hidden_states, **text}),
+            "BLIP-2 Q-Former, ITC": training_step(blip2, {"vision_hidden_states": vision_hidden_states, **text}),
+            "ours, feature cache": training_step(
+                ours, lambda: {"vision_hidden_states": cache.get(range(batch))[0], **text}
+            ),
             "ours, ViT on pixels": training_step(ours, {"pixel_values": pixel_values, **text}),
         }
         flops = {name: step_flops(contenders[name]) for name in ("ours, ITC", "BLIP-2 Q-Former, ITC")}

@@ -1,6 +1,6 @@
 """Stage-2 training step (forward + backward + AdamW) at the reference shapes: SmolLM2-135M with LoRA r=64 on
 q/k/v/o, the Q-Former and adapter training in full, 32 image tokens + 48 text tokens, batch 8, image features as
-the feature cache gives them (`image_embeds`, float16). Interleaved in one process, fp32 and bf16 autocast (bf16
+the feature cache gives them (`vision_hidden_states`, float16). Interleaved in one process, fp32 and bf16 autocast (bf16
 where the device runs it natively, or with `--bf16 on`):
 
 - the VLM step, and a bare SmolLM2 + LoRA step over the same number of tokens (80 text tokens): the VLM's overhead

@@ -137,11 +137,14 @@ def reference_config(tiny: bool = False) -> SmolVLMQFormerConfig:
 
 def stage2_model(config: SmolVLMQFormerConfig) -> PeftModel:
     """The stage-2 model wrapped for LoRA as `training.run.build_stage2` wraps it (r=64 on q/k/v/o by default; the
-    Q-Former and adapter train in full)."""
+    Q-Former's query path and the adapter train in full)."""
     return get_peft_model(SmolVLMQFormerForConditionalGeneration(config), lora_config(LORA_TARGET_MODULES))
 
 
-def lora_config(target_modules: str | list[str], modules_to_save: list[str] | None = ("qformer", "adapter")):
+def lora_config(
+    target_modules: str | list[str],
+    modules_to_save: list[str] | None = tuple(SmolVLMQFormerForConditionalGeneration.trained_modules),
+):
     """`build_stage2`'s LoRA settings (the `ModelArguments` defaults) for the given target modules."""
     defaults = ModelArguments()
     return LoraConfig(
@@ -192,7 +195,7 @@ def stage2_batch(
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "labels": torch.cat([torch.full_like(image_ids, -100), labels], dim=1),
-        "image_embeds": cached_image_features(config, batch, device),
+        "vision_hidden_states": cached_image_features(config, batch, device),
     }
 
 

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     batch1, batch2 = STAGE1["batch"], STAGE2["batch"]
     inputs1 = {
-        "image_embeds": cached_image_features(config, batch1, device),
+        "vision_hidden_states": cached_image_features(config, batch1, device),
         **stage1_text(config, batch1, STAGE1["caption_tokens"], device=device),
     }
     step1 = training_step(stage1, inputs1, autocast=True)

@@ -7,6 +7,7 @@ from .modeling_smolvlm_qformer import (
     QFormerModel,
     SmolVLMQFormerForConditionalGeneration,
     SmolVLMQFormerForImageTextRetrieval,
+    SmolVLMQFormerModel,
     SmolVLMQFormerPreTrainedModel,
 )
 from .processing_smolvlm_qformer import SmolVLMQFormerProcessor
@@ -20,6 +21,7 @@ __all__ = [
     "SmolVLMQFormerConfig",
     "SmolVLMQFormerForConditionalGeneration",
     "SmolVLMQFormerForImageTextRetrieval",
+    "SmolVLMQFormerModel",
     "SmolVLMQFormerPreTrainedModel",
     "SmolVLMQFormerProcessor",
     "SmolVLMQFormerQFormerConfig",

@@ -8,6 +8,7 @@ single YAML / JSON file holding them.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import sys
@@ -101,55 +102,82 @@ def assets_command(argv: list[str]) -> None:
         print(f"{name}\t{getattr(paths, name)}")
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
 def _generation_parser(prog: str, question: bool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"smolvlm-qformer {prog}")
+    parser = argparse.ArgumentParser(
+        prog=f"smolvlm-qformer {prog}",
+        description="Prints one `image<TAB>text` line per image as it is produced (or writes --output JSONL); "
+        "an unreadable image is reported on stderr and skipped, and the exit code is 1 if any was.",
+    )
     parser.add_argument("--model", required=True, help="a trained model folder (or Hub id)")
     parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per generate call")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", help="write one JSON object per image to this .jsonl file instead of stdout")
+    parser.add_argument("images", nargs="+", help="image files, folders of images, or glob patterns")
     if question:
-        parser.add_argument("image")
         parser.add_argument("question")
-    else:
-        parser.add_argument("images", nargs="+")
     return parser
 
 
-def _generate(model_path: str, images: list[str], question: str | None, max_new_tokens: int, device: str) -> None:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def expand_image_paths(patterns: list[str]) -> list[str]:
+    """Files as given, every image file (by suffix) in a folder, and the matches of glob patterns, in order; a
+    path that matches nothing is kept, to be reported as unreadable."""
+    paths = []
+    for pattern in patterns:
+        if Path(pattern).is_dir():
+            paths += sorted(str(p) for p in Path(pattern).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif glob.has_magic(pattern):
+            paths += sorted(glob.glob(pattern, recursive=True))
+        else:
+            paths.append(pattern)
+    return paths
 
-    from .data import decode_image
-    from .hardware import fast_dtype
 
-    decoded = []
-    for path in images:
-        try:
-            decoded.append(decode_image(path))
-        except Exception as error:  # noqa: BLE001 - reported with the input's name
-            raise SystemExit(f"error: cannot read image {path!r}: {error}") from None
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=fast_dtype(device))
-    model = model.to(device).eval()
-    inputs = processor(images=decoded, text=None if question is None else [question] * len(decoded)).to(device)
-    context = model.config.text_config.max_position_embeddings
-    if inputs.input_ids.shape[1] + max_new_tokens > context:
-        raise SystemExit(
-            f"error: the prompt is {inputs.input_ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} it "
-            f"exceeds the model's context of {context} tokens: shorten the question"
-        )
-    generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    answers = processor.batch_decode(generated[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
-    for path, answer in zip(images, answers, strict=True):
-        print(f"{path}\t{answer.strip()}")
+def _generate(args: argparse.Namespace, question: str | None) -> None:
+    """Streams the images through `inference.generate_texts` a batch at a time: memory stays flat in their number."""
+    from tqdm.auto import tqdm
+
+    from .inference import generate_texts, load_for_inference
+
+    paths = expand_image_paths(args.images)
+    model, processor = load_for_inference(args.model, args.device)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115 - closed below
+    texts = generate_texts(
+        model,
+        processor,
+        paths,
+        [question] * len(paths),
+        names=[repr(path) for path in paths],
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    skipped = []
+    try:
+        for path, text in zip(paths, tqdm(texts, total=len(paths), unit="img", file=sys.stderr), strict=True):
+            if text is None:
+                skipped.append(path)
+                continue
+            print(json.dumps({"image": path, "text": text}) if args.output else f"{path}\t{text}", file=out, flush=True)
+    except ValueError as error:  # a prompt too long for the context
+        raise SystemExit(f"error: {error}") from None
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if skipped:
+        print(f"error: {len(skipped)} of {len(paths)} images could not be read: {', '.join(skipped)}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def caption_command(argv: list[str]) -> None:
-    args = _generation_parser("caption", question=False).parse_args(argv)
-    _generate(args.model, args.images, None, args.max_new_tokens, args.device)
+    _generate(_generation_parser("caption", question=False).parse_args(argv), None)
 
 
 def ask_command(argv: list[str]) -> None:
     args = _generation_parser("ask", question=True).parse_args(argv)
-    _generate(args.model, [args.image], args.question, args.max_new_tokens, args.device)
+    _generate(args, args.question)
 
 
 def evaluate_command(argv: list[str]) -> None:

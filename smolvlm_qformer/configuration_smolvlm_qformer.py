@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import CONFIG_MAPPING, DistilBertConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, DistilBertConfig, PretrainedConfig
 
 QFORMER_LOSSES = ("itc", "itm", "itg")
 
@@ -107,9 +107,9 @@ class SmolVLMQFormerConfig(PretrainedConfig):
     # Trainer's evaluation drops these output fields (the KV cache, under the name of either release line)
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
     sub_configs = {
-        "vision_config": PretrainedConfig,
+        "vision_config": AutoConfig,
         "qformer_config": SmolVLMQFormerQFormerConfig,
-        "text_config": PretrainedConfig,
+        "text_config": AutoConfig,
     }
 
     def __init__(
@@ -131,7 +131,9 @@ class SmolVLMQFormerConfig(PretrainedConfig):
         self.image_token_id = self.text_config.vocab_size if image_token_id is None else image_token_id
         self.adapter_hidden_size = adapter_hidden_size or self.text_config.hidden_size
         self.default_prompt_ids = default_prompt_ids
-        kwargs.setdefault("tie_word_embeddings", False)
+        # the LM head is tied to the LM's input embeddings exactly when the LM ties them (transformers 5 reads this
+        # top-level flag, 4.x the text config's)
+        kwargs["tie_word_embeddings"] = getattr(self.text_config, "tie_word_embeddings", False)
         super().__init__(**kwargs)
 
     @property

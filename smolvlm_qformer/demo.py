@@ -27,48 +27,37 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from math import isqrt
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
-from matplotlib.figure import Figure
-from transformers import AutoModelForImageTextToText, set_seed
+from transformers import set_seed
 
 from .assets import AssetPaths, fetch_assets
 from .data import (
-    ChatCollator,
     DataArguments,
     FeatureCache,
     IndexedDataset,
-    PromptConfig,
-    RetrievalCollator,
     build_feature_cache,
     decode_image,
     load_image_text_dataset,
 )
 from .data.easy_vqa import easy_vqa_dataset
-from .evaluation import load_metric, normalize_vqa_answer, retrieval_recall_at_k, retrieval_scores
-from .hardware import fast_dtype
+from .demo_figures import plot_examples, plot_losses, plot_query_attention
+from .evaluation import load_metric, retrieval_recall_at_k, retrieval_scores
+from .inference import generate_texts, load_for_inference
 from .model_card import write_model_card
 from .modeling_smolvlm_qformer import LORA_ALL_LINEAR_MODULES
 from .processing_smolvlm_qformer import DEFAULT_CAPTION_PROMPT
-from .training import (
-    ModelArguments,
-    QFormerTrainer,
-    SmolVLMTrainingArguments,
-    VLMTrainer,
-    build_stage1,
-    build_stage2,
-    save_stage2,
-)
+from .training import ModelArguments, SmolVLMTrainingArguments, build_stage1, build_stage2, fit_stage1, fit_stage2
 
 logger = logging.getLogger(__name__)
 
 BASE_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2")
 RECALL_KS = (1, 5)
+# easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short
+DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8}
 
 
 @dataclass
@@ -107,14 +96,12 @@ class DemoArguments:
     image_size: int | None = 56
     """Side the vision encoder sees (DINOv2 interpolates its position embeddings; 56 = 4 x 4 patches of 14 px for
     easy-VQA's 64 px images). None keeps the image processor's own size."""
-    lm_dtype: str | None = None
-    """Stage 2 keeps the frozen LM weights in this dtype (the saved model is float32). Default: bfloat16 where the
-    device runs it natively (`hardware.bf16_is_fast`: it halves stage 2's time there), else float32 (on an AVX2-only
-    CPU bf16 is emulated and a step took 170 s instead of 3 s). Both stages train without autocast: with stage 1 in
-    bf16 autocast (2x faster), stage 2 reached 94% test VQA instead of 98.7%."""
-    lm_attention: str | None = None
-    """The LM's attention implementation. Default: "eager" on CPU (its training step is 1.5x faster than with SDPA's
-    CPU kernels on these ~40-token sequences), "sdpa" elsewhere."""
+    frozen_lm_dtype: str = "auto"
+    """`ModelArguments.frozen_lm_dtype`: "auto" holds the frozen LM in bfloat16 where the device runs it natively,
+    else float32. Both stages train without autocast, which cost the demo accuracy (README, "Precision")."""
+    lm_attn_implementation: str | None = None
+    """`ModelArguments.lm_attn_implementation`. Default: "eager" on CPU (faster than SDPA's CPU kernels on these
+    short sequences), the LM's own elsewhere."""
     system_prompt: str = "Answer briefly."
     max_new_tokens: int = 6
     device: str | None = None
@@ -123,7 +110,8 @@ class DemoArguments:
 
     def __post_init__(self) -> None:
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.lm_dtype = self.lm_dtype or str(fast_dtype(self.device)).removeprefix("torch.")
+        if self.lm_attn_implementation is None and self.device == "cpu":
+            self.lm_attn_implementation = "eager"
 
 
 class SharedImageFeatures:
@@ -140,13 +128,6 @@ class SharedImageFeatures:
 
     def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.get([self.image_index[i] for i in indices])
-
-
-def _cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Casts the frozen parameters of `module` to `dtype` in place; trainable ones (LoRA) stay as they are."""
-    for param in module.parameters():
-        if not param.requires_grad:
-            param.data = param.data.to(dtype)
 
 
 @contextmanager
@@ -201,95 +182,13 @@ def _training_args(args: DemoArguments, output_dir: Path, epochs: float, batch_s
         report_to=[],
         seed=args.seed,
         use_cpu=args.device == "cpu",
-        bf16=False,  # see lm_dtype
+        bf16=False,  # see frozen_lm_dtype
     )
-
-
-@torch.no_grad()
-def generate_answers(
-    model: Any,
-    processor: Any,
-    questions: Sequence[str | None],
-    image_embeds: torch.Tensor,
-    system_prompt: str,
-    batch_size: int = 32,
-    max_new_tokens: int = 6,
-) -> list[str]:
-    """Greedy answers (captions where the question is None) from cached vision features, in batches with the KV
-    cache; the prompts are the ones stage 2 trained on."""
-    tokenizer = processor.tokenizer  # left-padding: generation appends on the right
-    answers = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [
-            processor.expand_image_tokens(processor.build_prompt(question, system_prompt))
-            for question in questions[start : start + batch_size]
-        ]
-        inputs = tokenizer(prompts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
-        output = model.generate(
-            **inputs,
-            image_embeds=image_embeds[start : start + batch_size].to(model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-        )
-        answers += [a.strip() for a in tokenizer.batch_decode(output[:, inputs.input_ids.shape[1] :], True)]
-    return answers
 
 
 def _accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Exact match after the VQA answer normalisation (case, punctuation, articles): the project's VQA accuracy."""
     return load_metric("vqa_accuracy").compute(predictions=predictions, references=references)["vqa_accuracy"]
-
-
-def _plot_losses(path: Path, histories: dict[str, list[dict]]) -> None:
-    figure = Figure(figsize=(5 * len(histories), 3.5), layout="constrained")
-    axes = figure.subplots(1, len(histories), squeeze=False)[0]
-    for ax, (name, history) in zip(axes, histories.items(), strict=True):
-        points = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
-        ax.plot(*zip(*points, strict=True), marker=".")
-        ax.set(title=name, xlabel="step", ylabel="training loss")
-        ax.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
-
-
-def _plot_examples(path: Path, examples: list[dict[str, str]]) -> None:
-    columns = 4
-    rows = -(-len(examples) // columns)
-    figure = Figure(figsize=(3.2 * columns, 3.6 * rows), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, example in zip(axes.flat, examples, strict=False):
-        ax.imshow(np.asarray(decode_image(example["image"])), interpolation="nearest")
-        right = normalize_vqa_answer(example["prediction"]) == normalize_vqa_answer(example["answer"])
-        ax.set_title(
-            f"{example['question']}\nmodel: {example['prediction']}  (truth: {example['answer']})",
-            fontsize=8,
-            color="green" if right else "red",
-        )
-    figure.savefig(path, dpi=100)
-
-
-@torch.no_grad()
-def _plot_query_attention(path: Path, model: Any, image: Any, image_embeds: torch.Tensor) -> None:
-    """Each query's cross-attention over the image patches (last cross-attention layer, mean over heads)."""
-    output = model.qformer(image_embeds=image_embeds[None].to(model.device), output_attentions=True)
-    attention = output.cross_attentions[-1][0].mean(dim=0).float().cpu()  # (Q, N): CLS token + patch grid
-    grid = isqrt(attention.shape[1] - 1)
-    maps = attention[:, -grid * grid :].reshape(-1, grid, grid)
-    columns = min(8, len(maps)) + 1
-    rows = -(-len(maps) // (columns - 1))
-    figure = Figure(figsize=(1.6 * columns, 1.7 * rows + 0.3), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    axes[0, 0].imshow(np.asarray(image), interpolation="nearest")
-    axes[0, 0].set_title("image", fontsize=8)
-    for q, attention_map in enumerate(maps):
-        ax = axes[q // (columns - 1), 1 + q % (columns - 1)]
-        ax.imshow(attention_map, cmap="viridis")
-        ax.set_title(f"query {q}", fontsize=8)
-    figure.suptitle("Q-Former cross-attention, last layer", fontsize=9)
-    figure.savefig(path, dpi=100)
 
 
 def _table(metrics: dict[str, Any]) -> str:
@@ -307,6 +206,21 @@ def _table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _model_args(args: DemoArguments, backbones: AssetPaths) -> ModelArguments:
+    return ModelArguments(
+        vision_model=str(backbones.vision),
+        qformer_model=str(backbones.qformer),
+        language_model=str(backbones.language_model),
+        num_query_tokens=args.num_query_tokens,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        lora_dropout=0.0,  # one short epoch does not overfit, and LoRA dropout is a large share of a CPU step
+        lora_target_modules=args.lora_target_modules,
+        frozen_lm_dtype=args.frozen_lm_dtype,
+        lm_attn_implementation=args.lm_attn_implementation,
+    )
+
+
 def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[str, Any]:
     """The whole demo; returns the metrics it writes to `output_dir/metrics.json`. `backbones` replaces the fetched
     assets (e.g. tiny stand-ins in tests)."""
@@ -318,16 +232,7 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
 
     with _timed(seconds, "assets"):
         backbones = backbones or fetch_assets(args.assets_dir)
-    model_args = ModelArguments(
-        vision_model=str(backbones.vision),
-        qformer_model=str(backbones.qformer),
-        language_model=str(backbones.language_model),
-        num_query_tokens=args.num_query_tokens,
-        lora_r=args.lora_r,
-        lora_alpha=2 * args.lora_r,
-        lora_dropout=0.0,  # one short epoch does not overfit; LoRA dropout cost 40% of the CPU step
-        lora_target_modules=args.lora_target_modules,
-    )
+    model_args = _model_args(args, backbones)
     set_seed(args.seed)
     model, processor = build_stage1(model_args)
     if args.image_size is not None:
@@ -353,32 +258,26 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
             for split, rows in images.items()
         }
 
-    # Stage 1: the Q-Former learns to match images and captions.
+    # Stage 1 (`train-qformer`'s fit): the Q-Former learns to match images and captions.
     stage1_rows = _rows("train", "captions", set(image_index["train"]))
     with _timed(seconds, "stage1"):
-        trainer = QFormerTrainer(
-            model=model,
-            args=_training_args(
-                args, output_dir / "stage1", args.stage1_epochs, args.stage1_batch_size, args.stage1_learning_rate
-            ),
-            train_dataset=_with_features(stage1_rows, caches["train"], image_index["train"]),
-            data_collator=RetrievalCollator(processor, max_caption_tokens=16),
+        stage1_args = _training_args(
+            args, output_dir / "stage1", args.stage1_epochs, args.stage1_batch_size, args.stage1_learning_rate
         )
-        trainer.train()
-        trainer.save_model(output_dir / "stage1")
-        processor.save_pretrained(output_dir / "stage1")
+        train = _with_features(stage1_rows, caches["train"], image_index["train"])
+        _, trainer = fit_stage1(model, processor, train, None, DataArguments(**DEMO_DATA), stage1_args)
     histories = {"stage 1 (ITC loss)": trainer.state.log_history}
 
     test_images = images["test"].filter(lambda caption: caption is not None, input_columns="caption")
     test_features, _ = caches["test"].get([image_index["test"][path] for path in test_images["image"]])
-    with _timed(seconds, "retrieval_eval"):
+    with _timed(seconds, "retrieval_eval"):  # `evaluate`'s scoring, on cached features
         texts = sorted(set(test_images["caption"]))
         positives = torch.tensor([[caption == text for text in texts] for caption in test_images["caption"]])
         scores = retrieval_scores(model.eval(), processor, test_features, texts)
         recall = retrieval_recall_at_k(scores.image_to_text, positives, RECALL_KS, scores.text_to_image)
     del model, trainer
 
-    # Stage 2: Q-Former + adapter + LoRA learn to answer questions and to caption.
+    # Stage 2 (`train-vlm`'s build + fit): Q-Former + adapter + LoRA learn to answer questions and to caption.
     question_columns = {"caption_column": None, "question_column": "question", "answer_column": "answer"}
     questions, captions = _questions_and_captions(_rows("train", "vqa", set(image_index["train"]), **question_columns))
     stage2_rows = datasets.concatenate_datasets(
@@ -388,34 +287,27 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     logger.info(
         "demo: stage 2 on %d questions + %d captions", num_train_questions, len(stage2_rows) - num_train_questions
     )
-    prompts = PromptConfig(system_prompts=[args.system_prompt], caption_prompts=[DEFAULT_CAPTION_PROMPT])
+    prompts_file = output_dir / "prompts.json"
+    prompts_file.write_text(
+        json.dumps({"system_prompts": [args.system_prompt], "caption_prompts": [DEFAULT_CAPTION_PROMPT]})
+    )
     model_dir = output_dir / "model"
     with _timed(seconds, "stage2"):
         set_seed(args.seed)
         vlm, processor = build_stage2(
-            ModelArguments(**{**asdict(model_args), "stage1_model": str(output_dir / "stage1")})
+            ModelArguments(**{**asdict(model_args), "stage1_model": str(output_dir / "stage1")}), device=args.device
         )
-        language_model = vlm.base_model.model.language_model
-        _cast_frozen(language_model, getattr(torch, args.lm_dtype))
-        language_model.set_attn_implementation(args.lm_attention or ("eager" if args.device == "cpu" else "sdpa"))
-        trainer = VLMTrainer(
-            model=vlm,
-            args=_training_args(
-                args, output_dir / "stage2", args.stage2_epochs, args.stage2_batch_size, args.stage2_learning_rate
-            ),
-            train_dataset=_with_features(stage2_rows, caches["train"], image_index["train"]),
-            data_collator=ChatCollator(processor, prompts=prompts, seed=args.seed, max_answer_tokens=8),
+        stage2_args = _training_args(
+            args, model_dir, args.stage2_epochs, args.stage2_batch_size, args.stage2_learning_rate
         )
-        trainer.train()
-        save_stage2(trainer.model.float(), processor, model_dir)  # LoRA merged in float32
+        train = _with_features(stage2_rows, caches["train"], image_index["train"])
+        data_args = DataArguments(**DEMO_DATA, prompts_file=str(prompts_file))
+        _, trainer = fit_stage2(vlm, processor, train, None, data_args, stage2_args)
     histories["stage 2 (LM loss on answers)"] = trainer.state.log_history
     del vlm, trainer
 
-    # Evaluate the saved folder, loaded as anyone would load it (in bf16 where that is faster).
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_dir, trust_remote_code=True, dtype=fast_dtype(args.device)
-    )
-    model = model.to(args.device).eval()
+    # Evaluate the saved folder as anyone would load it (`inference.load_for_inference`, bf16 where it is native).
+    model, processor = load_for_inference(str(model_dir), args.device)
     test_questions, _ = _questions_and_captions(_rows("test", "vqa", set(image_index["test"]), **question_columns))
     test_questions = _sample(test_questions, args.test_questions, args.seed)
     question_features, _ = caches["test"].get([image_index["test"][path] for path in test_questions["image"]])
@@ -423,11 +315,9 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     caption_features, _ = caches["test"].get([image_index["test"][path] for path in caption_images["image"]])
     generation = {"system_prompt": args.system_prompt, "batch_size": 64, "max_new_tokens": args.max_new_tokens}
     with _timed(seconds, "vqa_eval"):
-        answers = generate_answers(model, processor, test_questions["question"], question_features, **generation)
+        answers = list(generate_texts(model, processor, question_features, test_questions["question"], **generation))
     with _timed(seconds, "caption_eval"):
-        generated_captions = generate_answers(
-            model, processor, [None] * len(caption_images), caption_features, **generation
-        )
+        generated_captions = list(generate_texts(model, processor, caption_features, **generation))
     majority = Counter(questions["answer"]).most_common(1)[0][0]
     metrics = {
         "vqa_accuracy": _accuracy(answers, test_questions["answer"]),
@@ -472,10 +362,10 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
             test_questions["image"][:8], test_questions["question"], answers, test_questions["answer"], strict=False
         )
     ]
-    _plot_examples(output_dir / "examples.png", examples)
-    _plot_losses(output_dir / "loss_curves.png", histories)
-    _plot_query_attention(
-        output_dir / "query_attention.png", model, decode_image(test_images["image"][0]), test_features[0]
+    plot_examples(output_dir / "examples.png", examples)
+    plot_losses(output_dir / "loss_curves.png", histories)
+    plot_query_attention(
+        output_dir / "query_attention.png", model.model.qformer, decode_image(test_images["image"][0]), test_features[0]
     )
     seconds["total"] = round(time.perf_counter() - start, 1)
     (output_dir / "metrics.json").write_text(json.dumps({**metrics, "arguments": asdict(args)}, indent=2))

@@ -35,7 +35,7 @@ IGNORED_PATTERNS = (
 
 USAGE = """\
 ```python
-from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
 model = AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
@@ -46,6 +46,9 @@ answer = processor.decode(output[0, inputs.input_ids.shape[1] :], skip_special_t
 # or as a pipeline
 vqa = pipeline("image-text-to-text", model="{repo}", trust_remote_code=True)
 vqa(images=image, text="What is in the picture?", return_full_text=False)
+
+# the headless model (vision encoder, Q-Former, adapter and the LM's decoder, no LM head): hidden states
+backbone = AutoModel.from_pretrained("{repo}", trust_remote_code=True)
 ```
 """
 

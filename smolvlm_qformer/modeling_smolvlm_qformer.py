@@ -1,9 +1,12 @@
 """SmolVLM-QFormer: a frozen vision encoder, a DistilBERT Q-Former and a small causal LM, BLIP-2 style.
 
 Reading order: attention masks and attention -> Q-Former layer -> `QFormerModel` (a DistilBERT with 32 learnable
-queries and cross-attention to the image) -> stage-1 losses -> the shared pretrained base -> the stage-1
-retrieval model (ITC / ITM / ITG) -> the stage-2 generation model (Q-Former queries -> MLP adapter -> LM).
+queries and cross-attention to the image) -> stage-1 losses -> what the models share (pretrained base, frozen
+vision encoder) -> the stage-1 retrieval model (ITC / ITM / ITG) -> the headless `SmolVLMQFormerModel` (Q-Former
+queries -> MLP adapter -> spliced into the LM's decoder) -> `SmolVLMQFormerForConditionalGeneration` (+ LM head).
 
+Names: `vision_hidden_states` is the frozen vision encoder's output (B, N, Dv); `image_hidden_states` /
+`image_features` are the adapted query embeddings (B, Q, H) that take the image placeholders' place.
 Shapes: B batch, Q queries, T text tokens, N image tokens, D Q-Former width, E contrastive width, H LM width.
 """
 
@@ -18,13 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import get_activation
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.distilbert.modeling_distilbert import (
     DistilBertPreTrainedModel,
     Embeddings,
     TransformerBlock,
 )
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_smolvlm_qformer import SmolVLMQFormerConfig, SmolVLMQFormerQFormerConfig
 
@@ -119,7 +123,8 @@ def multi_head_attention(
 
 
 class QFormerCrossAttention(nn.Module):
-    """Queries (B, Q, D) attend to the frozen image embeddings (B, N, encoder_hidden_size); post-LayerNorm."""
+    """Queries (B, Q, D) attend to the frozen vision encoder's hidden states (B, N, encoder_hidden_size);
+    post-LayerNorm."""
 
     def __init__(self, config: SmolVLMQFormerQFormerConfig):
         super().__init__()
@@ -132,12 +137,12 @@ class QFormerCrossAttention(nn.Module):
         self.layer_norm = nn.LayerNorm(config.dim, eps=1e-12)
 
     def forward(
-        self, queries: torch.Tensor, image_embeds: torch.Tensor, output_attentions: bool = False
+        self, queries: torch.Tensor, vision_hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         context, weights = multi_head_attention(
             self.q_lin(queries),
-            self.k_lin(image_embeds),
-            self.v_lin(image_embeds),
+            self.k_lin(vision_hidden_states),
+            self.v_lin(vision_hidden_states),
             self.num_heads,
             dropout=self.dropout if self.training else 0.0,
             output_attentions=output_attentions,
@@ -159,7 +164,7 @@ class QFormerLayer(TransformerBlock):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        image_embeds: torch.Tensor | None,
+        vision_hidden_states: torch.Tensor | None,
         num_queries: int,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -177,7 +182,7 @@ class QFormerLayer(TransformerBlock):
         cross_weights = None
         if self.crossattention is not None and num_queries > 0:
             queries, cross_weights = self.crossattention(
-                hidden_states[:, :num_queries], image_embeds, output_attentions
+                hidden_states[:, :num_queries], vision_hidden_states, output_attentions
             )
             hidden_states = torch.cat([queries, hidden_states[:, num_queries:]], dim=1)
 
@@ -211,13 +216,25 @@ class QFormerModelOutput(ModelOutput):
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+class QFormerQueries(nn.Module):
+    """The learnable query embeddings (1, Q, D), a module of their own so that stage 2 can train (and peft save)
+    them with the layers while the Q-Former's unused text embeddings stay frozen."""
+
+    def __init__(self, config: SmolVLMQFormerQFormerConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, config.num_query_tokens, config.dim))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.weight.expand(batch_size, -1, -1)
+
+
 class QFormerModel(DistilBertPreTrainedModel):
     """DistilBERT turned into a Q-Former: `num_query_tokens` learnable queries are prepended to the text, and every
     `cross_attention_frequency`-th layer lets the queries attend to the image.
 
-    Pass `image_embeds` for the query path, `input_ids` for the text path, or both with an attention `mode`.
-    `QFormerModel.from_pretrained("distilbert-base-uncased", encoder_hidden_size=...)` loads DistilBERT's weights;
-    only the queries and cross-attention blocks start fresh.
+    Pass `vision_hidden_states` (the frozen vision encoder's output) for the query path, `input_ids` for the text
+    path, or both with an attention `mode`. `QFormerModel.from_pretrained("distilbert-base-uncased",
+    encoder_hidden_size=...)` loads DistilBERT's weights; only the queries and cross-attention blocks start fresh.
     """
 
     config_class = SmolVLMQFormerQFormerConfig
@@ -226,14 +243,14 @@ class QFormerModel(DistilBertPreTrainedModel):
         super().__init__(config)
         self.embeddings = Embeddings(config)
         self.transformer = QFormerEncoder(config)
-        # Random, not zero (BLIP-2's choice): with no position embeddings, zero queries would stay identical.
-        self.query_tokens = nn.Parameter(torch.empty(1, config.num_query_tokens, config.dim))
+        self.queries = QFormerQueries(config)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, QFormerModel):
-            init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, QFormerQueries):
+            # Random, not zero (BLIP-2's choice): with no position embeddings, zero queries would stay identical.
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
@@ -243,21 +260,21 @@ class QFormerModel(DistilBertPreTrainedModel):
 
     def forward(
         self,
-        image_embeds: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         mode: AttentionMode = "unimodal",
         output_attentions: bool = False,
     ) -> QFormerModelOutput:
-        if image_embeds is None and input_ids is None:
-            raise ValueError("QFormerModel needs image_embeds, input_ids or both")
+        if vision_hidden_states is None and input_ids is None:
+            raise ValueError("QFormerModel needs vision_hidden_states, input_ids or both")
         parts, num_queries = [], 0
-        if image_embeds is not None:
-            queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        if vision_hidden_states is not None:
+            queries = self.queries(vision_hidden_states.shape[0])
             # Queries share the embedding LayerNorm and dropout but have no position embedding (as in BLIP-2).
             parts.append(self.embeddings.dropout(self.embeddings.LayerNorm(queries)))
             num_queries = queries.shape[1]
-            image_embeds = image_embeds.to(queries.dtype)
+            vision_hidden_states = vision_hidden_states.to(queries.dtype)
         if input_ids is not None:
             parts.append(self.embeddings(input_ids))  # word + position embeddings, positions from 0
             if attention_mask is None:
@@ -267,7 +284,7 @@ class QFormerModel(DistilBertPreTrainedModel):
 
         cross_attentions = []
         for layer in self.transformer.layer:
-            hidden_states, weights = layer(hidden_states, mask, image_embeds, num_queries, output_attentions)
+            hidden_states, weights = layer(hidden_states, mask, vision_hidden_states, num_queries, output_attentions)
             if weights is not None:
                 cross_attentions.append(weights)
         return QFormerModelOutput(
@@ -349,101 +366,82 @@ class QFormerTextHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Pretrained base shared by the stage-1 and stage-2 models
+# What the three models share: the pretrained base class and the frozen vision encoder
 # --------------------------------------------------------------------------------------------------------------
 
 
 class SmolVLMQFormerPreTrainedModel(PreTrainedModel):
+    """Weights, loading and saving (with every remote-code file and an `auto_map`) for the three models."""
+
     config_class = SmolVLMQFormerConfig
-    base_model_prefix = "smolvlm_qformer"
-    main_input_name = "pixel_values"  # what transformers 4.x's image-to-text pipeline hands to `generate`
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["QFormerLayer", "LlamaDecoderLayer", "ViTLayer", "Dinov2Layer"]
-    # `save_pretrained` writes this whole map (its own call records only one auto class per model class).
+    # transformers adds the `_no_split_modules` of the vision encoder and LM the model is built from
+    _no_split_modules = ["QFormerLayer"]
+    # `save_pretrained` writes this map plus `_auto_classes` (its own call records one auto class per model class)
     _auto_map = {
         "AutoConfig": "configuration_smolvlm_qformer.SmolVLMQFormerConfig",
         "AutoProcessor": "processing_smolvlm_qformer.SmolVLMQFormerProcessor",
     }
-
-    def __init__(self, config: SmolVLMQFormerConfig):
-        super().__init__(config)
-        self.vision_model = AutoModel.from_config(config.vision_config)
-        self.qformer = QFormerModel(config.qformer_config)
-        self.vision_model.requires_grad_(False)  # frozen: the vision encoder never trains
-
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, SmolVLMQFormerForImageTextRetrieval):
-            init.constant_(module.temperature, self.config.qformer_config.temperature)
-
-    def get_image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """The frozen vision encoder's last hidden state (B, N, Dv), or `image_embeds` as given (a feature cache)."""
-        if image_embeds is not None:
-            return image_embeds
-        if pixel_values is None:
-            raise ValueError("pass pixel_values or image_embeds")
-        frozen = not any(p.requires_grad for p in self.vision_model.parameters())
-        with torch.no_grad() if frozen else nullcontext():
-            return self.vision_model(pixel_values=pixel_values.to(self.vision_model.dtype)).last_hidden_state
+    _auto_classes: dict[str, str] = {}
+    """Auto class -> the class of this file that a saved folder of this model loads as."""
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Saves weights, config and the three remote-code files with an `auto_map` for every Auto class."""
         self.config.auto_map = {
             **self._auto_map,
-            **{auto_class: f"modeling_smolvlm_qformer.{type(self).__name__}" for auto_class in self._auto_classes},
+            **{auto: f"modeling_smolvlm_qformer.{name}" for auto, name in self._auto_classes.items()},
         }
-        type(self).register_for_auto_class(self._auto_classes[0])
+        # transformers' own record (which also copies this file) names this class: register it under its own entry
+        own = next(auto for auto, name in self._auto_classes.items() if name == type(self).__name__)
+        type(self).register_for_auto_class(own)
         type(self.config).register_for_auto_class()
         super().save_pretrained(save_directory, *args, **kwargs)
 
-    @classmethod
-    def from_backbones(
-        cls,
-        vision: str | None = "google/vit-base-patch16-224-in21k",
-        qformer: str | None = "distilbert-base-uncased",
-        language_model: str | None = "HuggingFaceTB/SmolLM2-135M-Instruct",
-        stage1: str | None = None,
-        qformer_config: dict | None = None,
-        **config_kwargs,
-    ) -> SmolVLMQFormerPreTrainedModel:
-        """Assembles a model from pretrained checkpoints (Hub ids or local paths), safetensors weights only (a
-        checkpoint with pickled weights alone is refused).
 
-        Vision encoder and Q-Former come from `vision` and `qformer` (a DistilBERT checkpoint), or both from a
-        stage-1 checkpoint (`stage1`; its contrastive heads are left behind). The generation model also loads
-        `language_model`. `qformer_config` overrides Q-Former settings such as `num_query_tokens` or `losses`.
-        """
-        if stage1 is not None:
-            retrieval = SmolVLMQFormerForImageTextRetrieval.from_pretrained(stage1, use_safetensors=True)
-            vision_model, qformer_model = retrieval.vision_model, retrieval.qformer
-        else:
-            vision_model = AutoModel.from_pretrained(vision, use_safetensors=True)
-            qformer_model = QFormerModel.from_pretrained(
-                qformer,
-                encoder_hidden_size=vision_model.config.hidden_size,
-                use_safetensors=True,
-                **(qformer_config or {}),
-            )
-        lm = (
-            AutoModelForCausalLM.from_pretrained(language_model, use_safetensors=True)
-            if cls._has_language_model
-            else None
+def frozen_vision_encoder(config: SmolVLMQFormerConfig) -> PreTrainedModel:
+    """The vision encoder, frozen: it never trains (a feature cache can stand in for it)."""
+    return AutoModel.from_config(config.vision_config).requires_grad_(False)
+
+
+def encode_images(
+    vision_model: PreTrainedModel,
+    pixel_values: torch.Tensor | None,
+    vision_hidden_states: torch.Tensor | None,
+    output_hidden_states: bool = False,
+) -> BaseModelOutputWithPooling:
+    """The vision encoder's output for `pixel_values`, or `vision_hidden_states` (its last hidden state, e.g. from a
+    feature cache) as given; without gradients while the encoder is frozen."""
+    if vision_hidden_states is not None:
+        return BaseModelOutputWithPooling(last_hidden_state=vision_hidden_states)
+    if pixel_values is None:
+        raise ValueError("pass pixel_values or vision_hidden_states")
+    frozen = not any(p.requires_grad for p in vision_model.parameters())
+    with torch.no_grad() if frozen else nullcontext():
+        return vision_model(
+            pixel_values=pixel_values.to(vision_model.dtype),
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
-        config = SmolVLMQFormerConfig(
-            vision_config=vision_model.config,
-            qformer_config=qformer_model.config,
-            text_config=lm.config if lm is not None else None,
-            **config_kwargs,
-        )
-        model = cls(config)
-        model.vision_model.load_state_dict(vision_model.state_dict())
-        model.qformer.load_state_dict(qformer_model.state_dict())
-        if lm is not None:
-            model.language_model.load_state_dict(lm.state_dict())
-        return model
+
+
+def load_vision_and_qformer(
+    vision: str | None, qformer: str | None, stage1: str | None, qformer_config: dict | None
+) -> tuple[PreTrainedModel, QFormerModel]:
+    """The pretrained vision encoder and Q-Former: from `vision` and `qformer` (a DistilBERT checkpoint; safetensors
+    only), or both from a stage-1 checkpoint (`stage1`, whose contrastive heads are left behind)."""
+    if stage1 is not None:
+        retrieval = SmolVLMQFormerForImageTextRetrieval.from_pretrained(stage1, use_safetensors=True)
+        return retrieval.vision_model, retrieval.qformer
+    vision_model = AutoModel.from_pretrained(vision, use_safetensors=True)
+    qformer_model = QFormerModel.from_pretrained(
+        qformer, encoder_hidden_size=vision_model.config.hidden_size, use_safetensors=True, **(qformer_config or {})
+    )
+    return vision_model, qformer_model
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -474,12 +472,17 @@ class SmolVLMQFormerRetrievalOutput(ModelOutput):
 class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
     """Stage 1: frozen vision encoder + Q-Former + contrastive, matching and generation heads."""
 
-    _auto_classes = ("AutoModel",)
-    _has_language_model = False
+    main_input_name = "pixel_values"
+    _auto_classes = {"AutoModel": "SmolVLMQFormerForImageTextRetrieval"}
+    new_parameters = r"qformer\.queries|crossattention|vision_proj|text_proj|itm_head|itg_head|temperature"
+    """The parameters that start from scratch (they train at `new_parts_learning_rate`); the rest of the Q-Former is
+    DistilBERT's."""
 
     def __init__(self, config: SmolVLMQFormerConfig):
         super().__init__(config)
         qformer_config = config.qformer_config
+        self.vision_model = frozen_vision_encoder(config)
+        self.qformer = QFormerModel(qformer_config)
         self.vision_proj = nn.Linear(qformer_config.dim, qformer_config.embed_dim)
         self.text_proj = nn.Linear(qformer_config.dim, qformer_config.embed_dim)
         self.itm_head = nn.Linear(qformer_config.dim, 2)
@@ -487,11 +490,36 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
         self.temperature = nn.Parameter(torch.tensor(qformer_config.temperature))
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:
+            init.constant_(module.temperature, self.config.qformer_config.temperature)
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision: str = "google/vit-base-patch16-224-in21k",
+        qformer: str = "distilbert-base-uncased",
+        qformer_config: dict | None = None,
+        **config_kwargs,
+    ) -> SmolVLMQFormerForImageTextRetrieval:
+        """A stage-1 model from a pretrained vision encoder and a DistilBERT checkpoint (Hub ids or local folders);
+        `qformer_config` overrides Q-Former settings such as `num_query_tokens` or `losses`."""
+        vision_model, qformer_model = load_vision_and_qformer(vision, qformer, None, qformer_config)
+        config = SmolVLMQFormerConfig(
+            vision_config=vision_model.config, qformer_config=qformer_model.config, **config_kwargs
+        )
+        model = cls(config)
+        model.vision_model.load_state_dict(vision_model.state_dict())
+        model.qformer.load_state_dict(qformer_model.state_dict())
+        return model
+
     def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+        self, pixel_values: torch.Tensor | None = None, vision_hidden_states: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, Q, E) normalised contrastive embeddings of the images' queries."""
-        query_output = self.qformer(image_embeds=self.get_image_embeds(pixel_values, image_embeds)).query_output
+        vision_hidden_states = encode_images(self.vision_model, pixel_values, vision_hidden_states).last_hidden_state
+        query_output = self.qformer(vision_hidden_states=vision_hidden_states).query_output
         return F.normalize(self.vision_proj(query_output), dim=-1)
 
     def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
@@ -499,19 +527,28 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
         text_output = self.qformer(input_ids=input_ids, attention_mask=attention_mask).text_output
         return F.normalize(self.text_proj(text_output[:, 0]), dim=-1)
 
+    def itm_logits(
+        self, vision_hidden_states: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, 2) image-text matching logits of B (image, text) pairs: the ITM head averaged over the query outputs
+        of the bidirectional pass. The loss and retrieval re-ranking both score pairs with this."""
+        query_output = self.qformer(vision_hidden_states, input_ids, attention_mask, mode="bidirectional").query_output
+        return self.itm_head(query_output).mean(dim=1)
+
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
         return_loss: bool = True,
     ) -> SmolVLMQFormerRetrievalOutput:
         """Scores every image against every text of the batch; with `return_loss`, the configured losses (pair i is
         the positive of image i and text i). Under torch.distributed, ITC contrasts against the global batch
         (`contrastive_loss`); ITM draws its hard negatives from the local batch."""
-        image_embeds = self.get_image_embeds(pixel_values, image_embeds)
-        image_feats = self.get_image_features(image_embeds=image_embeds)
+        vision_hidden_states = encode_images(self.vision_model, pixel_values, vision_hidden_states).last_hidden_state
+        image_feats = self.get_image_features(vision_hidden_states=vision_hidden_states)
         text_feats = self.get_text_features(input_ids, attention_mask)
         temperature = self.temperature.clamp(0.001, 0.5)
         logits_per_image = image_text_similarity(image_feats, text_feats) / temperature
@@ -532,10 +569,10 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
                 losses[name] = contrastive_loss(image_feats, text_feats, temperature)
             elif name == "itm":
                 losses[name], output.itm_logits = self.matching_loss(
-                    image_embeds, input_ids, attention_mask, logits_per_image
+                    vision_hidden_states, input_ids, attention_mask, logits_per_image
                 )
             else:
-                losses[name] = self.generation_loss(image_embeds, input_ids, attention_mask)
+                losses[name] = self.generation_loss(vision_hidden_states, input_ids, attention_mask)
             output[f"loss_{name}"] = losses[name]
         weights = self.config.qformer_config.loss_weights
         # item assignment: transformers 4.x's ModelOutput drops a field first set as an attribute (no loss for Trainer)
@@ -544,35 +581,33 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
 
     def matching_loss(
         self,
-        image_embeds: torch.Tensor,
+        vision_hidden_states: torch.Tensor,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
         logits_per_image: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM: classify [positive; image + hard-negative text; hard-negative image + text] with bidirectional
-        attention; the logits are the ITM head averaged over the query outputs."""
+        """ITM: classify [positive; image + hard-negative text; hard-negative image + text] (`itm_logits`)."""
         neg_text, neg_image = sample_hard_negatives(logits_per_image)
-        images = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])
+        images = torch.cat([vision_hidden_states, vision_hidden_states, vision_hidden_states[neg_image]])
         ids = torch.cat([input_ids, input_ids[neg_text], input_ids])
         mask = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
-        query_output = self.qformer(images, ids, mask, mode="bidirectional").query_output
-        logits = self.itm_head(query_output).mean(dim=1)
+        logits = self.itm_logits(images, ids, mask)
         batch = input_ids.shape[0]
         labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
         return F.cross_entropy(logits, labels), logits
 
     def generation_loss(
-        self, image_embeds: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor
+        self, vision_hidden_states: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """ITG: next-token loss on the caption, each token seeing all queries and the earlier text."""
-        text_output = self.qformer(image_embeds, input_ids, attention_mask, mode="multimodal_causal").text_output
-        logits = self.itg_head(text_output[:, :-1], self.qformer.get_input_embeddings().weight)
+        qformer_output = self.qformer(vision_hidden_states, input_ids, attention_mask, mode="multimodal_causal")
+        logits = self.itg_head(qformer_output.text_output[:, :-1], self.qformer.get_input_embeddings().weight)
         labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Stage 2: image-conditioned generation
+# Stage 2: the headless model (image splice + the LM's decoder) and the generation model (+ LM head)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -590,6 +625,16 @@ class SmolVLMQFormerAdapter(nn.Module):
 
 
 @dataclass
+class SmolVLMQFormerModelOutputWithPast(BaseModelOutputWithPast):
+    """transformers' decoder output (its cache field named as the running release names it), plus:
+
+    image_hidden_states: (B, Q, H) the adapted query embeddings spliced into the prompt, when an image was given.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
 class SmolVLMQFormerCausalLMOutput(CausalLMOutputWithPast):
     """transformers' causal-LM output (its cache field named as the running release names it), plus:
 
@@ -602,31 +647,22 @@ class SmolVLMQFormerCausalLMOutput(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
 
 
-def scored_positions(labels: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """The positions whose next token has a label in some row, and the (B, K) labels they predict.
+class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
+    """Frozen vision encoder -> Q-Former (queries only) -> MLP adapter -> the LM's decoder, without its head.
 
-    Training only scores the answer, a few tokens per row: computing the LM head and its softmax over the whole
-    vocabulary at these positions alone (`logits_to_keep`) gives the same loss at a fraction of the cost.
-    """
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
-    positions = (shift_labels != -100).any(dim=0).nonzero().squeeze(-1)
-    return positions, shift_labels[:, positions]
-
-
-class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, GenerationMixin):
-    """Stage 2: frozen vision encoder -> Q-Former (queries only) -> MLP adapter -> causal LM.
-
-    The processor writes `num_query_tokens` placeholder tokens (`config.image_token_id`) where the image goes;
-    `forward` swaps their embeddings for the adapted query outputs, so the image can sit anywhere in the prompt.
+    The processor writes `num_query_tokens` placeholder tokens (`config.image_token_id`) per image; `forward` swaps
+    their embeddings for the adapted query outputs, so images can sit anywhere in the prompt. The placeholder id lies
+    past the LM's vocabulary (the LM keeps its embedding shape): it is never looked up as a token.
     """
 
-    _auto_classes = ("AutoModel", "AutoModelForImageTextToText", "AutoModelForVision2Seq")
-    _has_language_model = True
+    _auto_classes = {"AutoModel": "SmolVLMQFormerModel"}
 
     def __init__(self, config: SmolVLMQFormerConfig):
         super().__init__(config)
+        self.vision_model = frozen_vision_encoder(config)
+        self.qformer = QFormerModel(config.qformer_config)
         self.adapter = SmolVLMQFormerAdapter(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -635,45 +671,174 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_output_embeddings(value)
-
-    def get_decoder(self) -> nn.Module:
-        return self.language_model.get_decoder()
-
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(B, Q, H): the image's query outputs mapped into the LM's embedding space."""
-        query_output = self.qformer(image_embeds=self.get_image_embeds(pixel_values, image_embeds)).query_output
-        return self.adapter(query_output)
-
-    def embed_prompt(
         self,
-        input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """LM input embeddings (B, L, H) with the image placeholders replaced by the adapted query outputs."""
+        vision_hidden_states: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        """The vision encoder's output, with `pooler_output` (B, Q, H): the image's query outputs mapped into the
+        LM's embedding space, what `forward` splices into the prompt. `vision_hidden_states` (the encoder's last
+        hidden state, e.g. from a feature cache) stands in for `pixel_values`."""
+        image_outputs = encode_images(self.vision_model, pixel_values, vision_hidden_states, output_hidden_states)
+        query_output = self.qformer(vision_hidden_states=image_outputs.last_hidden_state).query_output
+        image_outputs.pooler_output = self.adapter(query_output)
+        return image_outputs
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.Tensor:
+        """(B, L, 1) True at the image placeholders, checked against the number of query embeddings to fill them."""
         image_mask = input_ids == self.config.image_token_id
-        # The placeholder id may lie outside the LM's vocabulary: look up a valid id, its embedding is replaced.
-        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-        if pixel_values is None and image_embeds is None:
-            if image_mask.any():
-                raise ValueError("the prompt has image placeholder tokens but no pixel_values or image_embeds")
-            return inputs_embeds, None
-        image_features = self.get_image_features(pixel_values, image_embeds)
-        if image_mask.sum() != image_features.shape[0] * image_features.shape[1]:
+        if not torch.compiler.is_compiling() and image_mask.sum() != image_features.shape[0] * image_features.shape[1]:
             raise ValueError(
                 f"the prompt has {int(image_mask.sum())} image placeholder tokens but the images give "
                 f"{image_features.shape[0]} x {image_features.shape[1]} query embeddings"
             )
-        image_features = image_features.to(inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features), image_features
+        return image_mask.unsqueeze(-1)
 
+    def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """The LM's embeddings of `input_ids`; placeholders (past the vocabulary) embed as token 0 until replaced."""
+        return self.get_input_embeddings()(input_ids.masked_fill(input_ids == self.config.image_token_id, 0))
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SmolVLMQFormerModelOutputWithPast:
+        """`kwargs` carry the KV cache (as `cache` or `past_key_values`) and whatever the LM's decoder takes.
+
+        The placeholders are found in `input_ids`: images given with `inputs_embeds` alone are an error (splice
+        `get_image_features(...).pooler_output` into the embeddings yourself, or pass `input_ids` too)."""
+        cache = pop_cache(kwargs)
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids or inputs_embeds (a prompt), with or without images")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        image_features = None
+        if pixel_values is not None or vision_hidden_states is not None:
+            if input_ids is None:
+                raise ValueError(
+                    "images need input_ids to find their placeholder tokens; with inputs_embeds alone, splice "
+                    "get_image_features(...).pooler_output into them yourself"
+                )
+            image_features = self.get_image_features(pixel_values, vision_hidden_states).pooler_output
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(
+                self.get_placeholder_mask(input_ids, image_features), image_features
+            )
+        elif input_ids is not None and not torch.compiler.is_compiling():
+            if (input_ids == self.config.image_token_id).any():
+                raise ValueError("the prompt has image placeholder tokens but no pixel_values or vision_hidden_states")
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            return_dict=True,
+            **{CACHE_NAME: cache},
+            **kwargs,
+        )
+        return SmolVLMQFormerModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+        )
+
+
+def scored_positions(labels: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """The positions whose next token has a label in some row, and the (B, K) labels they predict.
+
+    Training only scores the answer, a few tokens per row: computing the LM head and its softmax over the whole
+    vocabulary at these positions alone gives the same loss at a fraction of the cost.
+    """
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+    positions = (shift_labels != -100).any(dim=0).nonzero().squeeze(-1)
+    return positions, shift_labels[:, positions]
+
+
+class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, GenerationMixin):
+    """Stage 2: `SmolVLMQFormerModel` + the LM's head (tied to its embeddings as the LM ties them)."""
+
+    _auto_classes = {
+        "AutoModel": "SmolVLMQFormerModel",
+        "AutoModelForImageTextToText": "SmolVLMQFormerForConditionalGeneration",
+        "AutoModelForVision2Seq": "SmolVLMQFormerForConditionalGeneration",  # transformers 4.x
+    }
+    # transformers 5 maps each tied parameter to its source; 4.x lists the parameters tied to the input embeddings
+    _tied_weights_keys = (
+        {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+        if hasattr(PreTrainedModel, "get_expanded_tied_weights_keys")
+        else ["lm_head.weight"]
+    )
+    new_parameters = r"\.adapter\.|lora_"
+    """Stage 2's parameters that start from scratch (they train at `new_parts_learning_rate`)."""
+    trained_modules = ["qformer.queries", "qformer.embeddings.LayerNorm", "qformer.transformer", "adapter"]
+    """Stage 2 trains these in full (peft's `modules_to_save`), besides LoRA on the LM: the Q-Former's query path.
+    Its word and position embeddings are left frozen: the query path never reads them."""
+
+    def __init__(self, config: SmolVLMQFormerConfig):
+        super().__init__(config)
+        self.model = SmolVLMQFormerModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.language_model
+
+    def get_image_features(self, *args, **kwargs) -> BaseModelOutputWithPooling:
+        """`SmolVLMQFormerModel.get_image_features`."""
+        return self.model.get_image_features(*args, **kwargs)
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision: str | None = "google/vit-base-patch16-224-in21k",
+        qformer: str | None = "distilbert-base-uncased",
+        language_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
+        stage1: str | None = None,
+        qformer_config: dict | None = None,
+        **config_kwargs,
+    ) -> SmolVLMQFormerForConditionalGeneration:
+        """A stage-2 model from pretrained checkpoints (Hub ids or local folders; safetensors only): the vision
+        encoder and Q-Former from `vision` and `qformer`, or both from a stage-1 checkpoint (`stage1`), and the
+        causal LM from `language_model`."""
+        vision_model, qformer_model = load_vision_and_qformer(vision, qformer, stage1, qformer_config)
+        lm = AutoModelForCausalLM.from_pretrained(language_model, use_safetensors=True)
+        config = SmolVLMQFormerConfig(
+            vision_config=vision_model.config,
+            qformer_config=qformer_model.config,
+            text_config=lm.config,
+            **config_kwargs,
+        )
+        model = cls(config)
+        model.model.vision_model.load_state_dict(vision_model.state_dict())
+        model.model.qformer.load_state_dict(qformer_model.state_dict())
+        model.model.language_model.load_state_dict(lm.base_model.state_dict())
+        model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+        return model
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -682,76 +847,92 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        image_embeds: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> SmolVLMQFormerCausalLMOutput:
-        """`kwargs` carry the KV cache (as `cache` or `past_key_values`) and whatever the LM's forward takes."""
-        cache = pop_cache(kwargs)
-        image_features = None
-        if inputs_embeds is None:
-            inputs_embeds, image_features = self.embed_prompt(input_ids, pixel_values, image_embeds)
-        if self.training and labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
-            logits_to_keep, kwargs["shift_labels"] = scored_positions(labels)
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
+        """`labels` may be `input_ids` as they are: image placeholders never carry a label. In training, logits are
+        computed only where a label is predicted (`scored_positions`): the same loss and gradients."""
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            labels=labels,
+            inputs_embeds=inputs_embeds,
+            vision_hidden_states=vision_hidden_states,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **{CACHE_NAME: cache},
             **kwargs,
         )
+        shift_labels = None
+        if labels is not None:
+            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
+            if self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+                logits_to_keep, shift_labels = scored_positions(labels)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                shift_labels=shift_labels,
+                **kwargs,
+            )
         return SmolVLMQFormerCausalLMOutput(
-            loss=outputs.loss,
-            logits=outputs.logits,
-            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+            loss=loss,
+            logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            image_hidden_states=outputs.image_hidden_states,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> dict:
-        """The image goes in at prefill only; later steps reuse the KV cache."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        """The image goes in at prefill only; later steps reuse the KV cache. (`inputs_embeds` named: generate
+        looks for it here to allow generating from embeddings.)"""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         # An empty (or no) cache means the whole prompt runs now: the same test on every release.
         cache = model_inputs.get(CACHE_NAME)
         is_prefill = cache is None or cache.get_seq_length() == 0
         model_inputs["pixel_values"] = pixel_values if is_prefill else None
-        model_inputs["image_embeds"] = image_embeds if is_prefill else None
+        model_inputs["vision_hidden_states"] = vision_hidden_states if is_prefill else None
         return model_inputs
 
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
-        """`GenerationMixin.generate`, plus captioning from an image alone: with no `input_ids` the prompt is
-        `config.default_prompt_ids` (the image placeholders alone if unset), and only the new tokens are returned."""
-        caption_only = input_ids is None
+        """`GenerationMixin.generate`, plus captioning from images alone: with no prompt (neither `input_ids` nor
+        `inputs_embeds`) it is `config.default_prompt_ids` for each image, and only the new tokens are returned."""
+        caption_only = input_ids is None and "inputs_embeds" not in generate_kwargs
         if caption_only:
-            images = pixel_values if pixel_values is not None else image_embeds
+            images = pixel_values if pixel_values is not None else vision_hidden_states
+            if images is None:
+                raise ValueError("generate needs a prompt (input_ids or inputs_embeds), images, or both")
             prompt = self.config.default_prompt_ids or [self.config.image_token_id] * self.config.num_query_tokens
             input_ids = torch.tensor([prompt], device=images.device).expand(images.shape[0], -1)
             attention_mask = torch.ones_like(input_ids)
-        if pixel_values is not None:
-            # Run the frozen vision encoder here, once; it is also what keeps `pixel_values` (the main input name)
-            # away from `GenerationMixin`, which would take it for the prompt.
-            image_embeds = self.get_image_embeds(pixel_values, None)
+        if pixel_values is not None:  # the frozen vision encoder runs once, at prefill
+            vision_hidden_states = encode_images(self.model.vision_model, pixel_values, None).last_hidden_state
         output = super().generate(
-            input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **generate_kwargs
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            vision_hidden_states=vision_hidden_states,
+            **generate_kwargs,
         )
         return output[:, input_ids.shape[1] :] if caption_only else output
 
@@ -760,5 +941,6 @@ __all__ = [
     "QFormerModel",
     "SmolVLMQFormerPreTrainedModel",
     "SmolVLMQFormerForImageTextRetrieval",
+    "SmolVLMQFormerModel",
     "SmolVLMQFormerForConditionalGeneration",
 ]

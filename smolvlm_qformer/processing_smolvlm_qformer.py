@@ -6,13 +6,18 @@ whose embeddings the model replaces with the adapted Q-Former queries.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.image_utils import load_image
 from transformers.processing_utils import ProcessingKwargs
 
 IMAGE_TOKEN = "<image>"
@@ -129,8 +134,32 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     return array.round().astype(np.uint8)
 
 
+def decode_image(value: Any) -> Image.Image:
+    """An upright RGB PIL image (see `to_rgb_array`) from a PIL image, an array or tensor, `{"bytes", "path"}` (a
+    dataset row), raw bytes, a path, or a URL / base64 string (through transformers' `load_image`).
+
+    Raises (`OSError`, `ValueError`, ...) when the data is not a readable image, including one over PIL's
+    decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, which PIL alone enforces only at twice the limit): decoding
+    it could exhaust memory.
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str) and value.startswith(("http://", "https://", "data:")):
+        value = load_image(value)
+    if not isinstance(value, (str, Path, bytes, bytearray)):
+        return Image.fromarray(to_rgb_array(value))
+    source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as image:  # closed here: an animated file would otherwise keep its handle open
+            image.load()
+            return Image.fromarray(to_rgb_array(image))
+
+
 def describe_image(image: Any) -> str:
     """A short name for an image in error messages: its file name if it has one, else its type, mode and size."""
+    if isinstance(image, (str, Path)):
+        return repr(str(image))
     if getattr(image, "filename", None):
         return repr(image.filename)
     size = getattr(image, "size", None) if hasattr(image, "getexif") else getattr(image, "shape", None)
@@ -229,6 +258,13 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
     def expand_image_tokens(self, prompt: str) -> str:
         return prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_query_tokens)
 
+    def encode_prompts(self, prompts: list[str], **text_kwargs: Any) -> dict:
+        """Chat prompts with `<image>` markers -> `input_ids` / `attention_mask`, each marker expanded into its
+        placeholders; `text_kwargs` default to the processor's (padded, no special tokens added, PyTorch tensors).
+        What `__call__` does with the text, usable without images (e.g. with cached vision features)."""
+        text_kwargs = {**SmolVLMQFormerProcessorKwargs._defaults["text_kwargs"], "return_tensors": "pt", **text_kwargs}
+        return self.tokenizer([self.expand_image_tokens(prompt) for prompt in prompts], **text_kwargs)
+
     def __call__(
         self,
         images: Any = None,
@@ -260,7 +296,7 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
             raise ValueError(f"the prompts have {num_markers} {IMAGE_TOKEN} markers for {len(images)} images")
 
         return_tensors = output_kwargs["text_kwargs"].pop("return_tensors", None)
-        data = dict(self.tokenizer([self.expand_image_tokens(t) for t in texts], **output_kwargs["text_kwargs"]))
+        data = dict(self.encode_prompts(texts, **output_kwargs["text_kwargs"], return_tensors=None))
         if images:
             data["pixel_values"] = self._pixel_values(images, **output_kwargs["images_kwargs"])
         return BatchFeature(data=data, tensor_type=return_tensors)
@@ -299,12 +335,12 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         return [images]
 
     def _pixel_values(self, images: list, **kwargs: Any) -> Any:
-        """The image processor's `pixel_values` for images of any mode or layout (see `to_rgb_array`); an image
-        that cannot be used raises a `ValueError` naming it."""
+        """The image processor's `pixel_values` for images of any mode or layout, or paths / URLs of them (see
+        `decode_image`); an image that cannot be used raises a `ValueError` naming it."""
         arrays = []
         for index, image in enumerate(images):
             try:
-                arrays.append(to_rgb_array(image))
+                arrays.append(np.asarray(decode_image(image)))
             except (OSError, ValueError) as error:  # OSError: a lazily opened file that turns out truncated
                 raise ValueError(f"image {index} ({describe_image(image)}) cannot be used: {error}") from error
         return self.image_processor(arrays, input_data_format="channels_last", **kwargs)["pixel_values"]

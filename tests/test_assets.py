@@ -91,9 +91,9 @@ def test_converted_bert_loads_into_the_qformer_with_only_new_parts_missing(bert_
     qformer, info = QFormerModel.from_pretrained(
         tmp_path / "distilbert", encoder_hidden_size=48, num_query_tokens=8, output_loading_info=True
     )
-    assert qformer.query_tokens.shape == (1, 8, 32)
-    assert "query_tokens" in info["missing_keys"]
-    assert all(k == "query_tokens" or ".crossattention." in k for k in info["missing_keys"])
+    assert qformer.queries.weight.shape == (1, 8, 32)
+    assert "queries.weight" in info["missing_keys"]
+    assert all(k == "queries.weight" or ".crossattention." in k for k in info["missing_keys"])
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
     assert verify_bert_distilbert(bert_folder, tmp_path / "distilbert")["max_abs_diff"] < 1e-5
 

@@ -64,18 +64,34 @@ def test_stage1_stage2_and_inference_commands(workspace, capsys):
     main(["caption", "--model", str(root / "stage2"), "--max-new-tokens", "3", *images])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == images
-    main(["ask", "--model", str(root / "stage2"), "--max-new-tokens", "3", images[0], "What colour is it?"])
-    assert capsys.readouterr().out.startswith(images[0] + "\t")
+    main(["ask", "--model", str(root / "stage2"), "--max-new-tokens", "3", *images, "What colour is it?"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == images
 
 
-def test_inference_on_a_bad_image_names_it_and_fails(workspace, tmp_path):
-    root = workspace[0]
+def test_caption_takes_folders_and_globs_and_writes_jsonl(workspace, tmp_path, capsys):
+    root, _, data, _, _ = workspace
+    output = tmp_path / "captions.jsonl"
+    main(["caption", "--model", str(root / "stage2"), "--max-new-tokens", "2", "--batch-size", "5", "--output",
+          str(output), str(data), str(data / "0000[0-2].png")])  # fmt: skip
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    expected = sorted(str(p) for p in data.glob("*.png")) + [str(data / f"0000{i}.png") for i in range(3)]
+    assert [row["image"] for row in rows] == expected and all(isinstance(row["text"], str) for row in rows)
+    assert capsys.readouterr().out == ""
+
+
+def test_inference_on_a_bad_image_names_it_and_fails(workspace, tmp_path, capsys):
+    root, _, data = workspace[:3]
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    with pytest.raises(SystemExit, match="broken.jpg"):
-        main(["caption", "--model", str(root / "stage1"), str(bad)])
-    with pytest.raises(SystemExit, match="missing.png"):
-        main(["ask", "--model", str(root / "stage1"), str(tmp_path / "missing.png"), "What?"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", "--model", str(root / "stage2"), "--max-new-tokens", "2", str(bad), str(data / "00000.png")])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 1 and "broken.jpg" in captured.err
+    assert captured.out.startswith(str(data / "00000.png") + "\t")  # the stage-2 model answered the good image
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ask", "--model", str(root / "stage2"), str(tmp_path / "missing.png"), "What?"])
+    assert exit_info.value.code == 1 and "missing.png" in capsys.readouterr().err
 
 
 def test_cache_features_then_train_from_the_cache(workspace):

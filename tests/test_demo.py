@@ -108,13 +108,11 @@ def test_rows_read_the_features_of_their_image():
     assert len(rows) == 4 and features.flatten().tolist() == [2, 0, 1] and valid.all()
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_the_frozen_lm_is_bf16_only_where_the_cpu_runs_bf16_natively(monkeypatch, native_bf16):
-    """On an AVX2-only CPU a bf16 LM would fall back to torch's generic GEMM (170 s a step instead of 3)."""
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert DemoArguments(device="cpu").lm_dtype == ("bfloat16" if native_bf16 else "float32")
-    assert DemoArguments(device="cpu", lm_dtype="float32").lm_dtype == "float32"
+def test_the_demo_picks_its_frozen_lm_dtype_by_the_hardware_and_eager_attention_on_cpu(demo):
+    """ "auto": bf16 only where the CPU runs it natively (see test_training's frozen-LM test on both CPU kinds)."""
+    output_dir, _ = demo
+    arguments = json.loads((output_dir / "metrics.json").read_text())["arguments"]
+    assert arguments["frozen_lm_dtype"] == "auto" and arguments["lm_attn_implementation"] == "eager"
 
 
 def test_demo_command_and_flags():

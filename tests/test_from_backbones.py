@@ -20,11 +20,13 @@ def _save_backbones(config, root):
     return vision, distilbert, lm
 
 
-def _assert_same_weights(module, reference):
-    reference_state = reference.state_dict()
-    for name, tensor in module.state_dict().items():
-        if name in reference_state:
-            torch.testing.assert_close(tensor, reference_state[name], rtol=0, atol=0)
+def _assert_same_weights(module, reference, new: tuple[str, ...] = ()):
+    """Every weight of `reference` is in `module`, unchanged; `module` has no others but those starting with `new`."""
+    state, reference_state = module.state_dict(), reference.state_dict()
+    assert set(reference_state) <= set(state), set(reference_state) - set(state)
+    assert all(name.startswith(new) for name in set(state) - set(reference_state)), set(state) - set(reference_state)
+    for name, tensor in reference_state.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
 
 
 def test_from_backbones_loads_each_checkpoint_and_freezes_vision(config, tmp_path):
@@ -36,12 +38,14 @@ def test_from_backbones_loads_each_checkpoint_and_freezes_vision(config, tmp_pat
         qformer_config={"num_query_tokens": 4},
         image_token_id=config.image_token_id,
     )
-    _assert_same_weights(model.vision_model, vision)
-    _assert_same_weights(model.qformer, distilbert)
-    _assert_same_weights(model.language_model, lm)
+    _assert_same_weights(model.model.vision_model, vision)
+    cross_attention = tuple(f"transformer.layer.{i}.crossattention." for i in range(0, 2, 2))
+    _assert_same_weights(model.model.qformer, distilbert, new=("queries.", *cross_attention))
+    _assert_same_weights(model.model.language_model, lm.model)
+    _assert_same_weights(model.lm_head, lm.lm_head)
     assert model.config.qformer_config.encoder_hidden_size == config.vision_config.hidden_size
-    assert model.qformer.query_tokens.shape == (1, 4, config.qformer_config.dim)
-    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    assert model.model.qformer.queries.weight.shape == (1, 4, config.qformer_config.dim)
+    assert not any(p.requires_grad for p in model.model.vision_model.parameters())
 
 
 def test_stage_two_starts_from_the_stage_one_checkpoint(config, tmp_path):
@@ -51,6 +55,6 @@ def test_stage_two_starts_from_the_stage_one_checkpoint(config, tmp_path):
     model = SmolVLMQFormerForConditionalGeneration.from_backbones(
         stage1=str(tmp_path / "stage1"), language_model=str(tmp_path / "lm")
     )
-    _assert_same_weights(model.qformer, stage1.qformer)
-    _assert_same_weights(model.vision_model, stage1.vision_model)
+    _assert_same_weights(model.model.qformer, stage1.qformer)
+    _assert_same_weights(model.model.vision_model, stage1.vision_model)
     assert model.config.image_token_id == config.image_token_id

@@ -16,20 +16,89 @@ def model(config):
     model = SmolVLMQFormerForConditionalGeneration(config).eval()
     # Random-init weights give near-uniform logits; widen them so greedy decoding actually varies.
     with torch.no_grad():
-        for param in model.language_model.parameters():
+        for param in model.model.language_model.parameters():
             param.add_(torch.randn_like(param) * 0.3)
     return model
 
 
 def test_image_features_replace_exactly_the_placeholders(model, processor, images):
+    """The LM sees the adapted queries at the placeholders and the text's own embeddings elsewhere: its logits equal
+    the bare LM's run on those spliced embeddings."""
     batch = processor(images=images[:2], text=QUESTIONS)
-    embeds, image_features = model.embed_prompt(batch.input_ids, batch.pixel_values)
+    image_outputs = model.get_image_features(pixel_values=batch.pixel_values)
+    image_features = image_outputs.pooler_output
+    assert image_features.shape == (2, processor.num_query_tokens, model.config.text_config.hidden_size)
+    assert image_outputs.last_hidden_state.shape[0] == 2  # the vision encoder's output comes along
     is_image = batch.input_ids == processor.image_token_id
     assert is_image.sum(dim=1).tolist() == [processor.num_query_tokens] * 2
-    torch.testing.assert_close(embeds[is_image], image_features.flatten(0, 1))
-    text_embeds = model.get_input_embeddings()(batch.input_ids.masked_fill(is_image, 0))
-    torch.testing.assert_close(embeds[~is_image], text_embeds[~is_image])
-    assert image_features.shape == (2, processor.num_query_tokens, model.config.text_config.hidden_size)
+    embeds = model.get_input_embeddings()(batch.input_ids.masked_fill(is_image, 0))
+    embeds[is_image] = image_features.flatten(0, 1)
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
+    out = model(**batch)
+    torch.testing.assert_close(out.logits, model.lm_head(hidden))
+    torch.testing.assert_close(out.image_hidden_states, image_features)
+
+
+def test_headless_model_times_the_lm_head_gives_the_logits(model, processor, images, tmp_path):
+    """`AutoModel` on a saved folder is the headless model (what vLLM and TRL call `base_model`)."""
+    from transformers import AutoModel
+
+    model.save_pretrained(tmp_path)
+    headless = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert type(headless).__name__ == "SmolVLMQFormerModel" and model.base_model is model.model
+    batch = processor(images=images[:2], text=QUESTIONS)
+    hidden = headless(**batch).last_hidden_state
+    torch.testing.assert_close(model.lm_head(hidden), model(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_labels_may_be_the_input_ids_as_they_are(model, processor, images):
+    """The placeholders lie past the LM's vocabulary: as labels they are ignored, not an out-of-range target."""
+    batch = processor(images=images[:2], text=QUESTIONS)
+    labels = batch.input_ids.clone()
+    out = model(**batch, labels=labels)
+    masked = labels.masked_fill(labels == processor.image_token_id, -100)
+    logits = out.logits[:, :-1].flatten(0, 1)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, masked[:, 1:].flatten()))
+
+
+def test_return_dict_false_gives_the_same_tuple(model, processor, images):
+    batch = processor(images=images[:2], text=QUESTIONS)
+    labels = batch.input_ids.clone()
+    as_dict = model(**batch, labels=labels)
+    as_tuple = model(**batch, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+
+
+def test_embeddings_without_input_ids_cannot_silently_drop_the_image(model, processor, images):
+    batch = processor(images=images[:2], text=QUESTIONS)
+    embeds = model.model.embed_tokens(batch.input_ids)
+    with pytest.raises(ValueError, match="need input_ids"):
+        model(inputs_embeds=embeds, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask)
+    text = processor.tokenizer(QUESTIONS, padding=True, return_tensors="pt")
+    from_ids = model(**text).logits
+    from_embeds = model(inputs_embeds=model.get_input_embeddings()(text.input_ids), attention_mask=text.attention_mask)
+    torch.testing.assert_close(from_embeds.logits, from_ids)
+
+
+def test_generate_from_inputs_embeds_equals_the_bare_lm(model, processor):
+    text = processor.tokenizer(QUESTIONS, padding=True, return_tensors="pt")
+    embeds = model.get_input_embeddings()(text.input_ids)
+    model.generation_config.eos_token_id = None
+    bare_lm = AutoModelForCausalLM.from_config(model.config.text_config).eval()
+    bare_lm.model.load_state_dict(model.model.language_model.state_dict())
+    bare_lm.lm_head.load_state_dict(model.lm_head.state_dict())
+    bare_lm.generation_config.eos_token_id = None
+    kwargs = {"attention_mask": text.attention_mask, "max_new_tokens": 4, "do_sample": False}
+    ours = model.generate(input_ids=text.input_ids, inputs_embeds=embeds, **kwargs)
+    theirs = bare_lm.generate(input_ids=text.input_ids, inputs_embeds=embeds, **kwargs)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_generate_without_images_or_prompt_says_what_is_missing(model):
+    with pytest.raises(ValueError, match="needs a prompt"):
+        model.generate(max_new_tokens=2)
 
 
 def test_placeholder_count_mismatch_is_a_clear_error(model, processor, images):
@@ -77,7 +146,8 @@ def test_training_scores_only_labelled_positions_with_the_same_loss_and_gradient
 
 def test_with_lora_disabled_and_no_image_logits_equal_the_bare_lm(model, processor):
     bare_lm = AutoModelForCausalLM.from_config(model.config.text_config).eval()
-    bare_lm.load_state_dict(model.language_model.state_dict())
+    bare_lm.model.load_state_dict(model.model.language_model.state_dict())
+    bare_lm.lm_head.load_state_dict(model.lm_head.state_dict())
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGET_MODULES, init_lora_weights=False))
     lora_modules = [name for name, _ in peft_model.named_modules() if name.endswith("lora_A")]
     assert lora_modules and all(".language_model." in name for name in lora_modules)
@@ -120,7 +190,7 @@ def test_cached_generate_equals_uncached_greedy_batched_left_padded(model, proce
 
 def test_vision_and_qformer_run_once_per_generate(model, processor, images):
     calls = []
-    model.qformer.register_forward_hook(lambda *args: calls.append(1))
+    model.model.qformer.register_forward_hook(lambda *args: calls.append(1))
     batch = processor(images=images[:2], text=QUESTIONS)
     model.generate(**batch, max_new_tokens=5, do_sample=False)
     assert len(calls) == 1
@@ -171,3 +241,19 @@ def test_default_lora_on_smollm2_shapes_is_about_eight_million_parameters():
     lora = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
     assert lora == 30 * 64 * ((576 + 576) * 2 + (576 + 192) * 2)  # q, o: 576->576; k, v: 576->192
     assert 7.3e6 < lora < 7.5e6
+
+
+def test_the_text_only_decode_path_exports(model, processor):
+    """`torch.export` traces a decode step: no data-dependent branch on the placeholders when no image is given."""
+
+    class Decode(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    input_ids = processor.tokenizer(["What shape is it?"], return_tensors="pt").input_ids
+    exported = torch.export.export(Decode(model), (input_ids,))
+    torch.testing.assert_close(exported.module()(input_ids), model(input_ids=input_ids, use_cache=False).logits)

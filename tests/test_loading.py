@@ -49,9 +49,9 @@ def test_saved_folder_loads_everywhere_with_the_same_outputs(saved_folder, loade
             assert value, key
     assert report["pipeline_answer"].strip() == expected["answer"].strip()
     assert expected["answer"].strip()  # a non-trivial answer is compared
+    assert report["AutoModel_class"] == "SmolVLMQFormerModel"
     if report["transformers"].startswith("4."):
         assert "AutoModelForVision2Seq_max_abs_diff" in report
-        assert report["pipeline_caption"].strip() == expected["caption"].strip()
 
 
 SAVE_CONFIG = """

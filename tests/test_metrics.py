@@ -17,7 +17,6 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from smolvlm_qformer import SmolVLMQFormerForImageTextRetrieval
 from smolvlm_qformer.evaluation import (
     evaluate_retrieval,
-    itm_scores,
     load_metric,
     normalize_vqa_answer,
     ptb_tokenize,
@@ -249,11 +248,13 @@ def test_itm_rerank_adds_the_itm_logit_of_each_top_k_pair(retrieval_model, proce
     reranked = retrieval_scores(retrieval_model, processor, images, TEXTS, batch_size=2, itm_top_k=len(TEXTS))
     inputs = processor.retrieval_inputs(images=images, text=TEXTS)
     with torch.no_grad():
-        vision = retrieval_model.get_image_embeds(inputs.pixel_values, None)
+        vision = retrieval_model.vision_model(pixel_values=inputs.pixel_values).last_hidden_state
 
         def pair_itm(i: int, t: int) -> float:
+            """LAVIS' ITM score of one pair: the head's positive logit, averaged over the bidirectional queries."""
             ids, mask = inputs.input_ids[t : t + 1], inputs.attention_mask[t : t + 1]
-            return itm_scores(retrieval_model, vision[i : i + 1], ids, mask).item()
+            queries = retrieval_model.qformer(vision[i : i + 1], ids, mask, mode="bidirectional").query_output
+            return retrieval_model.itm_head(queries).mean(dim=1)[0, 1].item()
 
         itm = torch.tensor([[pair_itm(i, t) for t in range(len(TEXTS))] for i in range(len(images))])
     torch.testing.assert_close(reranked.image_to_text, itc + itm)

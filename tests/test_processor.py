@@ -86,3 +86,22 @@ def test_save_and_load_round_trip(processor, tmp_path, images):
         torch.testing.assert_close(a[key], b[key])
     assert loaded.num_query_tokens == processor.num_query_tokens
     assert loaded.qformer_tokenizer("a red circle").input_ids == processor.qformer_tokenizer("a red circle").input_ids
+
+
+def test_training_and_inference_build_the_same_prompt_ids(processor, images):
+    """What stage 2 trains on (the collator's prompt, before the answer) is exactly what generation is given."""
+    from smolvlm_qformer.data import ChatCollator, PromptConfig
+
+    prompts = PromptConfig(system_prompts=["Answer briefly."], caption_prompts=["Describe the image."])
+    collator = ChatCollator(processor, prompts=prompts)
+    rows = [
+        {"image": images[0], "question": "What colour is the shape?", "answer": "red", "sample_index": 0},
+        {"image": images[1], "caption": "a blue circle", "sample_index": 1},  # a caption row: the instruction
+    ]
+    batch = collator(rows)
+    for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"], strict=True):
+        prompt_length = int((labels != -100).nonzero()[0])  # the first answer token
+        inference = processor(
+            images=[row["image"]], text=[processor.build_prompt(row.get("question"), "Answer briefly.")]
+        )
+        assert ids[:prompt_length].tolist() == inference.input_ids[0].tolist()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import DistilBertConfig, DistilBertModel
 
 from smolvlm_qformer import QFormerModel, SmolVLMQFormerForImageTextRetrieval
-from smolvlm_qformer.modeling_smolvlm_qformer import qformer_attention_mask, sample_hard_negatives
+from smolvlm_qformer.modeling_smolvlm_qformer import encode_images, qformer_attention_mask, sample_hard_negatives
 
 TEXTS = ["a red circle", "a blue square on the left", "a star", "a green triangle"]
 
@@ -32,7 +32,7 @@ def test_distilbert_weights_load_and_text_path_equals_distilbert(tmp_path, confi
         tmp_path, num_query_tokens=4, encoder_hidden_size=32, output_loading_info=True
     )
     new_parts = {key.split(".")[0] if "crossattention" not in key else "crossattention" for key in info["missing_keys"]}
-    assert new_parts == {"query_tokens", "crossattention"}
+    assert new_parts == {"queries", "crossattention"}
     assert info["unexpected_keys"] == [] or set(info["unexpected_keys"]) <= {"embeddings.position_ids"}
 
     expected = distilbert(**text).last_hidden_state
@@ -67,7 +67,7 @@ def test_unimodal_queries_ignore_text(qformer, text):
     torch.testing.assert_close(a.query_output, b.query_output)
     assert not torch.allclose(a.text_output, b.text_output)
     # and equal to the query path run alone
-    torch.testing.assert_close(a.query_output, qformer(image_embeds=image).query_output, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.query_output, qformer(vision_hidden_states=image).query_output, atol=1e-6, rtol=1e-5)
 
 
 def test_bidirectional_queries_see_text(qformer, text):
@@ -86,15 +86,15 @@ def test_multimodal_causal_text_sees_only_the_past(qformer, text):
 
 def test_cross_attention_sees_the_image(qformer):
     image = torch.randn(2, 5, 32)
-    a = qformer(image_embeds=image, output_attentions=True)
-    b = qformer(image_embeds=image + 1)
+    a = qformer(vision_hidden_states=image, output_attentions=True)
+    b = qformer(vision_hidden_states=image + 1)
     assert (a.query_output - b.query_output).abs().amax() > 1e-4
     assert len(a.cross_attentions) == 1  # 2 layers, cross-attention every 2nd layer
     torch.testing.assert_close(a.cross_attentions[0].sum(-1), torch.ones(2, 2, 4))
 
 
 def test_queries_start_distinct(qformer):
-    queries = qformer.query_tokens[0]
+    queries = qformer.queries.weight[0]
     assert queries.std() > 0.01
     assert torch.cdist(queries, queries).fill_diagonal_(1).min() > 0
 
@@ -134,14 +134,14 @@ def test_itm_loss_matches_per_pair_reference(retrieval, processor, images, monke
     batch = _batch(processor, images)
     out = retrieval(**batch)
 
-    image_embeds = retrieval.get_image_embeds(batch.pixel_values, None)
+    vision_hidden_states = encode_images(retrieval.vision_model, batch.pixel_values, None).last_hidden_state
     pairs = [(i, i, 1) for i in range(4)] + [(i, int(neg_text[i]), 0) for i in range(4)]
     pairs += [(int(neg_image[j]), j, 0) for j in range(4)]
     losses = []
     for image_index, text_index, label in pairs:
         length = int(batch.attention_mask[text_index].sum())
         queries = retrieval.qformer(
-            image_embeds[image_index : image_index + 1],
+            vision_hidden_states[image_index : image_index + 1],
             batch.input_ids[text_index : text_index + 1, :length],
             mode="bidirectional",
         ).query_output
@@ -168,12 +168,14 @@ def test_itg_loss_matches_per_sample_reference(retrieval, processor, images):
     batch = _batch(processor, images)
     out = retrieval(**batch)
 
-    image_embeds = retrieval.get_image_embeds(batch.pixel_values, None)
+    vision_hidden_states = encode_images(retrieval.vision_model, batch.pixel_values, None).last_hidden_state
     word_embeddings = retrieval.qformer.get_input_embeddings().weight
     total, count = 0.0, 0
     for i in range(len(TEXTS)):
         ids = batch.input_ids[i, : int(batch.attention_mask[i].sum())]
-        text_output = retrieval.qformer(image_embeds[i : i + 1], ids[None], mode="multimodal_causal").text_output
+        text_output = retrieval.qformer(
+            vision_hidden_states[i : i + 1], ids[None], mode="multimodal_causal"
+        ).text_output
         logits = retrieval.itg_head(text_output[0], word_embeddings)
         total = total + F.cross_entropy(logits[:-1], ids[1:], reduction="sum")
         count += len(ids) - 1
@@ -182,23 +184,26 @@ def test_itg_loss_matches_per_sample_reference(retrieval, processor, images):
 
 def test_weighted_losses_and_gradients_reach_queries_and_cross_attention(config, processor, images):
     config.qformer_config.loss_weights = [1.0, 0.5, 0.25]
+    config.qformer_config.attention_dropout = config.qformer_config.dropout = 0.0  # before building: it takes effect
     model = SmolVLMQFormerForImageTextRetrieval(config).train()
-    model.config.qformer_config.attention_dropout = 0.0
+    assert all(m.p == 0 for m in model.qformer.modules() if isinstance(m, torch.nn.Dropout))
     out = model(**_batch(processor, images))
     torch.testing.assert_close(out.loss, out.loss_itc + 0.5 * out.loss_itm + 0.25 * out.loss_itg)
     out.loss.backward()
     cross = model.qformer.transformer.layer[0].crossattention
-    for param in (model.qformer.query_tokens, cross.q_lin.weight, cross.k_lin.weight, model.temperature):
+    for param in (model.qformer.queries.weight, cross.q_lin.weight, cross.k_lin.weight, model.temperature):
         assert param.grad is not None and param.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.vision_model.parameters())  # frozen
 
 
-def test_cached_image_embeds_give_the_same_outputs(retrieval, processor, images):
+def test_cached_vision_features_give_the_same_outputs(retrieval, processor, images):
     batch = _batch(processor, images)
-    image_embeds = retrieval.get_image_embeds(batch.pixel_values, None)
+    vision_hidden_states = encode_images(retrieval.vision_model, batch.pixel_values, None).last_hidden_state
     torch.manual_seed(1)
     a = retrieval(**batch)
     torch.manual_seed(1)
-    b = retrieval(image_embeds=image_embeds, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    b = retrieval(
+        vision_hidden_states=vision_hidden_states, input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    )
     torch.testing.assert_close(a.loss, b.loss)
     torch.testing.assert_close(a.logits_per_image, b.logits_per_image)

@@ -203,8 +203,12 @@ def test_stage2_changes_only_qformer_adapter_and_lora(backbones, shapes, process
     frozen = {n for n in before if "vision_model" in n or ("language_model" in n and "lora_" not in n)}
     assert not changed & frozen, "frozen weights changed"
     assert all(model.get_parameter(name).requires_grad for name in changed)
-    for part in ("qformer.modules_to_save.default.query_tokens", "crossattention", "adapter", "lora_B"):
+    for part in ("qformer.queries.modules_to_save.default", "crossattention", "adapter", "lora_B"):
         assert any(part in name for name in changed), f"no {part} weight was trained"
+    # the Q-Former's text embeddings are never read by the query path: frozen, and not in the adapter
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert not any("word_embeddings" in name or "position_embeddings" in name for name in trainable)
+    assert any("qformer.embeddings.LayerNorm.modules_to_save" in name for name in trainable)
 
 
 class _StopAt(TrainerCallback):
@@ -317,7 +321,7 @@ def test_optimizer_groups_give_new_parts_their_rate_and_no_decay_to_norms_and_bi
     }
     named = dict(model.named_parameters())
     layer = "qformer.transformer.layer.0"
-    assert settings[id(named["qformer.query_tokens"])] == (1e-3, 0.1)
+    assert settings[id(named["qformer.queries.weight"])] == (1e-3, 0.1)
     assert settings[id(named[f"{layer}.attention.q_lin.weight"])] == (1e-4, 0.1)
     assert settings[id(named[f"{layer}.crossattention.q_lin.weight"])] == (1e-3, 0.1)
     assert settings[id(named[f"{layer}.sa_layer_norm.weight"])] == (1e-4, 0.0)
@@ -354,3 +358,25 @@ def test_streaming_data_and_gradient_checkpointing(backbones, shapes, tmp_path):
     args = _training_args(tmp_path / "vlm", max_steps=2, **{CHECKPOINTING: True})
     VLMTrainer(model=model, args=args, train_dataset=train, data_collator=ChatCollator(processor)).train()
     assert any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_frozen_lm_dtype_auto_is_bf16_only_where_the_cpu_runs_it_natively(backbones, monkeypatch, native_bf16):
+    """On an AVX2-only CPU a bf16 LM falls back to torch's generic GEMM (a demo step took 170 s instead of 3)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    model, _ = build_stage2(_model_args(backbones, lora_r=4, frozen_lm_dtype="auto", lm_attn_implementation="eager"))
+    expected = torch.bfloat16 if native_bf16 else torch.float32
+    frozen = {p.dtype for p in model.get_decoder().parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {expected} and trainable == {torch.float32}  # LoRA, Q-Former and adapter stay float32
+    assert model.get_decoder().config._attn_implementation == "eager"
+
+
+def test_a_missing_backbone_names_the_flag_to_pass(backbones, tmp_path):
+    """Stage 1 saves the LM's tokenizer for stage 2: without Hub access the default LM id cannot load, and the error
+    says which argument to set."""
+    args = _model_args(backbones)
+    args.language_model = str(tmp_path / "no-such-lm")
+    with pytest.raises(OSError, match="--language_model"):
+        build_stage1(args)

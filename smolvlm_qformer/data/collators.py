@@ -3,17 +3,14 @@ decoded is dropped from its batch and counted in `num_skipped`, which the traine
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
-from .images import decode_image
+from .images import decode_or_skip
 from .prompts import PromptConfig
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,18 +20,14 @@ class _ImageCollator:
     processor: SmolVLMQFormerProcessor
 
     def _image_inputs(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The usable rows and their image inputs: cached `image_embeds`, else decoded `pixel_values`."""
-        if "image_embeds" in rows[0]:
-            kept = [row for row in rows if row["image_embeds"] is not None]
-            return kept, {"image_embeds": torch.stack([row["image_embeds"] for row in kept])} if kept else {}
-        kept, images = [], []
-        for row in rows:
-            try:
-                images.append(decode_image(row["image"]))
-            except Exception as error:  # noqa: BLE001 - any undecodable file is a skip, never a crash
-                logger.warning("skipping sample %s: %s", row.get("sample_index"), error)
-                continue
-            kept.append(row)
+        """The usable rows and their image inputs: cached `vision_hidden_states`, else decoded `pixel_values`."""
+        if "vision_hidden_states" in rows[0]:
+            kept = [row for row in rows if row["vision_hidden_states"] is not None]
+            features = {"vision_hidden_states": torch.stack([row["vision_hidden_states"] for row in kept])}
+            return kept, features if kept else {}
+        decoded = [(row, decode_or_skip(row["image"], f"of sample {row.get('sample_index')}")) for row in rows]
+        kept = [row for row, image in decoded if image is not None]
+        images = [image for _, image in decoded if image is not None]
         if not kept:
             return kept, {}
         return kept, {"pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]}

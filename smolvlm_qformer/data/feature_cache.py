@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
-from .images import decode_image
+from .images import decode_or_skip
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +120,18 @@ def build_feature_cache(
     vision_model = vision_model.to(device).eval()
     shape = _feature_shape(vision_model, image_processor, device)
     num_shards = -(-len(dataset) // shard_size)
+    done = [s for s in range(num_shards) if _shard_paths(folder, s)[0].exists()]
     skipped = 0
-    for shard in range(num_shards):
+    # images/s and an ETA on stderr: at 224 px on a 2-core CPU a ViT-B shard of 1,024 images takes minutes
+    progress = tqdm(
+        total=len(dataset),
+        initial=sum(min(shard_size, len(dataset) - s * shard_size) for s in done),
+        unit="img",
+        desc=f"feature cache {folder.name}",
+        file=sys.stderr,
+    )
+    for shard in sorted(set(range(num_shards)) - set(done)):
         features_path, valid_path = _shard_paths(folder, shard)
-        if features_path.exists():
-            continue
         indices = range(shard * shard_size, min((shard + 1) * shard_size, len(dataset)))
         features, valid = [], []
         for start in range(0, len(indices), batch_size):
@@ -130,10 +139,12 @@ def build_feature_cache(
             batch_features, batch_valid = _encode_batch(vision_model, image_processor, rows, shape, device)
             features.append(batch_features)
             valid.extend(batch_valid)
+            progress.update(len(rows))
         skipped += len(valid) - sum(valid)
         _save_atomically(valid_path, np.array(valid, dtype=bool))
         _save_atomically(features_path, torch.cat(features).numpy())
         logger.info("feature cache %s: shard %d/%d done", folder, shard + 1, num_shards)
+    progress.close()
     if skipped:
         logger.warning("feature cache %s: %d unreadable images recorded as invalid", folder, skipped)
     return FeatureCache(folder)
@@ -153,14 +164,9 @@ def _encode_batch(
     device: str | torch.device,
 ) -> tuple[torch.Tensor, list[bool]]:
     """float16 features (len(rows), *shape), zeros where the image is unreadable, and which rows were readable."""
-    images, valid = [], []
-    for row in rows:
-        try:
-            images.append(decode_image(row["image"]))
-            valid.append(True)
-        except Exception as error:  # noqa: BLE001 - an unreadable image is recorded, not fatal
-            logger.warning("feature cache: sample %s unreadable: %s", row.get("sample_index"), error)
-            valid.append(False)
+    decoded = [decode_or_skip(row["image"], f"of sample {row.get('sample_index')}") for row in rows]
+    images = [image for image in decoded if image is not None]
+    valid = [image is not None for image in decoded]
     features = torch.zeros(len(rows), *shape, dtype=torch.float16)
     if images:
         pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]

@@ -1,32 +1,29 @@
-"""Turning whatever a dataset row holds into an RGB image, or a clear exception."""
+"""The bad-image policy of training, caching, evaluation and the CLI: decode an image, or skip it and say why.
+
+Decoding itself (`decode_image`: any mode upright RGB, decompression bombs refused) lives with the processor, which
+a saved folder's remote code carries; what a batch does with an image that cannot be decoded is decided here.
+"""
 
 from __future__ import annotations
 
-import io
-import warnings
-from pathlib import Path
+import logging
 from typing import Any
 
 from PIL import Image
 
-from ..processing_smolvlm_qformer import to_rgb_array
+from ..processing_smolvlm_qformer import decode_image
+
+logger = logging.getLogger(__name__)
 
 
-def decode_image(value: Any) -> Image.Image:
-    """An upright RGB PIL image (see `to_rgb_array`) from what a dataset row holds: a PIL image, `{"bytes", "path"}`,
-    raw bytes or a path. Raises (`OSError`, `ValueError`, ...) when the data is not a readable image, including an
-    image over PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, which PIL alone enforces only at twice
-    the limit): decoding it could exhaust memory."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, Image.Image):
-        return Image.fromarray(to_rgb_array(value))
-    if isinstance(value, (bytes, bytearray)):
-        value = io.BytesIO(value)
-    elif not isinstance(value, (str, Path)):
-        raise ValueError(f"not an image: {type(value).__name__}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(value) as image:  # closed here: an animated file would otherwise keep its handle open
-            image.load()
-            return Image.fromarray(to_rgb_array(image))
+def decode_or_skip(value: Any, name: object) -> Image.Image | None:
+    """The decoded image, or None (logged with `name` and the reason) when it cannot be read: truncated, corrupt,
+    not an image, missing, or over the decompression-bomb limit. Callers count the Nones as skipped samples."""
+    try:
+        return decode_image(value)
+    except Exception as error:  # noqa: BLE001 - any undecodable input is a counted skip, never a crash mid-epoch
+        logger.warning("skipping image %s: %s", name, error)
+        return None
+
+
+__all__ = ["decode_image", "decode_or_skip"]

@@ -81,7 +81,7 @@ class IndexedDataset:
         row = {**self.dataset[index], "sample_index": index}
         if self.feature_cache is not None:
             features, valid = self.feature_cache.get([index])
-            row["image_embeds"] = features[0] if valid[0] else None  # None: the image was unreadable
+            row["vision_hidden_states"] = features[0] if valid[0] else None  # None: the image was unreadable
         return row
 
 

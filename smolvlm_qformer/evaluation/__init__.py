@@ -6,7 +6,7 @@ The metrics are `evaluate` modules in `metrics/`, loaded from the package with `
 
 from .metrics import METRICS, load_metric
 from .ptb_tokenizer import ptb_tokenize
-from .retrieval import RetrievalScores, evaluate_retrieval, itm_scores, retrieval_recall_at_k, retrieval_scores
+from .retrieval import RetrievalScores, evaluate_retrieval, retrieval_recall_at_k, retrieval_scores
 from .run import EvaluateArguments, evaluate_model
 from .vqa_normalization import normalize_vqa_answer
 
@@ -16,7 +16,6 @@ __all__ = [
     "RetrievalScores",
     "evaluate_model",
     "evaluate_retrieval",
-    "itm_scores",
     "load_metric",
     "normalize_vqa_answer",
     "ptb_tokenize",

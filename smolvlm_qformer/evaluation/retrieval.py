@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..modeling_smolvlm_qformer import SmolVLMQFormerForImageTextRetrieval, image_text_similarity
+from ..modeling_smolvlm_qformer import SmolVLMQFormerForImageTextRetrieval, encode_images, image_text_similarity
 from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
 
 
@@ -64,18 +64,6 @@ class RetrievalScores:
     text_to_image: torch.Tensor
 
 
-def itm_scores(
-    model: SmolVLMQFormerForImageTextRetrieval,
-    image_embeds: torch.Tensor,
-    input_ids: torch.LongTensor,
-    attention_mask: torch.Tensor,
-) -> torch.Tensor:
-    """(B,) ITM positive-class logits of B (image, text) pairs, the head averaged over the query outputs as in
-    `matching_loss`."""
-    query_output = model.qformer(image_embeds, input_ids, attention_mask, mode="bidirectional").query_output
-    return model.itm_head(query_output).mean(dim=1)[:, 1].float()
-
-
 @torch.no_grad()
 def retrieval_scores(
     model: SmolVLMQFormerForImageTextRetrieval,
@@ -107,29 +95,34 @@ def retrieval_scores(
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         if isinstance(images, torch.Tensor):  # the vision encoder's outputs, already computed
-            image_embeds = batch.to(device)
+            vision_hidden_states = batch.to(device)
         else:
-            pixel_values = processor.retrieval_inputs(images=list(batch)).pixel_values
-            image_embeds = model.get_image_embeds(pixel_values.to(device), None)
-        rows.append(image_text_similarity(model.get_image_features(image_embeds=image_embeds), text_feats).float())
+            pixel_values = processor.retrieval_inputs(images=list(batch)).pixel_values.to(device)
+            vision_hidden_states = encode_images(model.vision_model, pixel_values, None).last_hidden_state
+        image_feats = model.get_image_features(vision_hidden_states=vision_hidden_states)
+        rows.append(image_text_similarity(image_feats, text_feats).float())
         if itm_top_k is not None:
-            vision_outputs.append(image_embeds)
+            vision_outputs.append(vision_hidden_states)
     similarity = torch.cat(rows)
     if itm_top_k is None:
         return RetrievalScores(image_to_text=similarity.cpu(), text_to_image=similarity.cpu())
 
-    image_embeds = torch.cat(vision_outputs)
+    vision_hidden_states = torch.cat(vision_outputs)
     ids, mask = text_inputs.input_ids, text_inputs.attention_mask
+
+    def itm_positive(images: torch.Tensor, pair_ids: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        return model.itm_logits(images, pair_ids, pair_mask)[:, 1].float()
+
     image_to_text = torch.full_like(similarity, float("-inf"))
     for i in range(similarity.shape[0]):
         top_sim, top = similarity[i].topk(min(itm_top_k, similarity.shape[1]))
-        pair_images = image_embeds[i : i + 1].expand(len(top), -1, -1)
-        image_to_text[i, top] = top_sim + itm_scores(model, pair_images, ids[top], mask[top])
+        pair_images = vision_hidden_states[i : i + 1].expand(len(top), -1, -1)
+        image_to_text[i, top] = top_sim + itm_positive(pair_images, ids[top], mask[top])
     text_to_image = torch.full_like(similarity, float("-inf"))
     for t in range(similarity.shape[1]):
         top_sim, top = similarity[:, t].topk(min(itm_top_k, similarity.shape[0]))
         pair_ids, pair_mask = ids[t : t + 1].expand(len(top), -1), mask[t : t + 1].expand(len(top), -1)
-        text_to_image[top, t] = top_sim + itm_scores(model, image_embeds[top], pair_ids, pair_mask)
+        text_to_image[top, t] = top_sim + itm_positive(vision_hidden_states[top], pair_ids, pair_mask)
     return RetrievalScores(image_to_text=image_to_text.cpu(), text_to_image=text_to_image.cpu())
 
 

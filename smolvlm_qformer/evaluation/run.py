@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +21,17 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..data import (
     ChatCollator,
     DataArguments,
     IndexedDataset,
-    decode_image,
+    decode_or_skip,
     load_image_text_dataset,
     split_train_eval,
 )
+from ..inference import generate_texts, load_for_inference
 from .metrics import load_metric
 from .retrieval import retrieval_recall_at_k, retrieval_scores
 
@@ -145,39 +148,6 @@ def model_architecture(path: str | Path) -> str:
     )
 
 
-class _ImageDecoder:
-    """Decodes images by key, remembering which could not be read (each is logged and counted once)."""
-
-    def __init__(self, images: dict[str, Any]):
-        self.images = images
-        self.unreadable: set[str] = set()
-
-    def __call__(self, key: str) -> Image.Image | None:
-        if key in self.unreadable:
-            return None
-        try:
-            return decode_image(self.images[key])
-        except Exception as error:  # noqa: BLE001 - any undecodable file is a skip, never a crash
-            logger.warning("skipping image %s: %s", key, error)
-            self.unreadable.add(key)
-            return None
-
-
-class _LazyImages(Sequence):
-    """Images decoded when a batch of them is read, so a split never sits in memory decoded."""
-
-    def __init__(self, values: list[Any]):
-        self.values = values
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def __getitem__(self, index: int | slice) -> Any:
-        if isinstance(index, slice):
-            return [decode_image(value) for value in self.values[index]]
-        return decode_image(self.values[index])
-
-
 def generation_metrics(
     captions: Sequence[str],
     caption_references: Sequence[Sequence[str]],
@@ -199,55 +169,27 @@ def generation_metrics(
     return metrics
 
 
-@torch.no_grad()
-def generate(
-    model: Any,
-    processor: Any,
-    decoder: _ImageDecoder,
-    items: Sequence[tuple[str, str | None]],
-    batch_size: int,
-    max_new_tokens: int,
-    system_prompt: str | None,
-) -> list[str | None]:
-    """Greedy generations for (image key, question or None for a caption) items, in batches; None where the image
-    is unreadable."""
-    outputs: list[str | None] = []
-    context = model.config.text_config.max_position_embeddings
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        images = [decoder(key) for key, _ in batch]
-        kept = [(image, question) for image, (_, question) in zip(images, batch, strict=True) if image is not None]
-        answers = iter([])
-        if kept:
-            prompts = [processor.build_prompt(question, system_prompt) for _, question in kept]
-            inputs = processor(images=[image for image, _ in kept], text=prompts).to(model.device)
-            if inputs.input_ids.shape[1] + max_new_tokens > context:
-                raise ValueError(
-                    f"a prompt is {inputs.input_ids.shape[1]} tokens; with --max_new_tokens {max_new_tokens} it "
-                    f"exceeds the model's context of {context} tokens: lower --max_question_tokens"
-                )
-            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new_tokens = generated[:, inputs.input_ids.shape[1] :]
-            answers = iter(text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True))
-        outputs += [None if image is None else next(answers) for image in images]
-        logger.info("generated %d / %d", len(outputs), len(items))
-    return outputs
-
-
 def evaluate_generation(
     folder: str, grouped: EvaluationRows, args: EvaluateArguments, data_args: DataArguments
 ) -> dict[str, Any]:
     """Stage 2: a caption per image and an answer per distinct question generated and scored, with the counts of
     what was scored."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, use_safetensors=True)
-    model = model.to(args.device).eval()
+    model, processor = load_for_inference(folder, args.device)
     truncate = ChatCollator(processor, max_question_tokens=data_args.max_question_tokens).truncate_question
     items = [(key, None) for key in grouped.captions] + [(key, truncate(q)) for key, q in grouped.answers]
-    decoder = _ImageDecoder(grouped.images)
-    predictions = generate(model, processor, decoder, items, args.batch_size, args.max_new_tokens, args.system_prompt)
+    keys = [key for key, _ in items]
+    texts = generate_texts(
+        model,
+        processor,
+        [grouped.images[key] for key in keys],
+        [question for _, question in items],
+        names=keys,
+        system_prompt=args.system_prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    predictions = list(tqdm(texts, total=len(items), desc="generating", file=sys.stderr))
+    unreadable = {key for key, prediction in zip(keys, predictions, strict=True) if prediction is None}
     caption_predictions, answer_predictions = predictions[: len(grouped.captions)], predictions[len(grouped.captions) :]
     captions = [
         (p, refs) for p, refs in zip(caption_predictions, grouped.captions.values(), strict=True) if p is not None
@@ -259,12 +201,12 @@ def evaluate_generation(
         for answer in row_answers
     ]
     if not captions and not answers:
-        raise ValueError(f"nothing to evaluate: all {len(decoder.unreadable)} images are unreadable")
+        raise ValueError(f"nothing to evaluate: all {len(unreadable)} images are unreadable")
     return {
         **generation_metrics(*_unzip(captions), *_unzip(answers)),
         "num_captioned_images": len(captions),
         "num_questions": len(answers),
-        "skipped_images": len(decoder.unreadable),
+        "skipped_images": len(unreadable),
     }
 
 
@@ -280,13 +222,13 @@ def evaluate_retrieval_split(
     from ..modeling_smolvlm_qformer import SmolVLMQFormerForImageTextRetrieval
     from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
 
-    decoder = _ImageDecoder(grouped.images)
     captioned = [key for key, texts in grouped.retrieval_texts.items() if texts]
     if not captioned:
         raise ValueError("retrieval needs captions and the split has none: set --caption_column")
-    readable = [key for key in captioned if decoder(key) is not None]  # decoded again, a batch at a time, below
+    # decoded once to find the readable ones (and again, a batch at a time, by the processor while scoring)
+    readable = [key for key in captioned if decode_or_skip(grouped.images[key], key) is not None]
     if not readable:
-        raise ValueError(f"nothing to evaluate: all {len(decoder.unreadable)} images are unreadable")
+        raise ValueError(f"nothing to evaluate: all {len(captioned)} images are unreadable")
     texts = list(dict.fromkeys(text for key in readable for text in grouped.retrieval_texts[key]))
     positives = torch.tensor([[text in grouped.retrieval_texts[key] for text in texts] for key in readable])
 
@@ -296,7 +238,7 @@ def evaluate_retrieval_split(
     scores = retrieval_scores(
         model,
         processor,
-        _LazyImages([grouped.images[key] for key in readable]),
+        [grouped.images[key] for key in readable],
         texts,
         batch_size=args.batch_size,
         itm_top_k=args.itm_top_k,
@@ -306,7 +248,7 @@ def evaluate_retrieval_split(
         **retrieval_recall_at_k(scores.image_to_text, positives, RECALL_KS, scores.text_to_image),
         "num_images": len(readable),
         "num_texts": len(texts),
-        "skipped_images": len(decoder.unreadable),
+        "skipped_images": len(captioned) - len(readable),
     }
 
 

@@ -1,7 +1,17 @@
 """Both training stages: arguments, `Trainer` subclasses and entry points."""
 
 from .arguments import ModelArguments, SmolVLMTrainingArguments
-from .run import build_stage1, build_stage2, save_stage2, train_qformer, train_vlm
+from .run import (
+    build_processor,
+    build_stage1,
+    build_stage2,
+    fit_stage1,
+    fit_stage2,
+    parameter_summary,
+    save_stage2,
+    train_qformer,
+    train_vlm,
+)
 from .trainers import QFormerTrainer, VLMTrainer
 
 __all__ = [
@@ -9,8 +19,12 @@ __all__ = [
     "QFormerTrainer",
     "SmolVLMTrainingArguments",
     "VLMTrainer",
+    "build_processor",
     "build_stage1",
     "build_stage2",
+    "fit_stage1",
+    "fit_stage2",
+    "parameter_summary",
     "save_stage2",
     "train_qformer",
     "train_vlm",

@@ -28,6 +28,13 @@ class ModelArguments:
     lora_dropout: float = 0.1
     lora_target_modules: str = LORA_TARGET_MODULES
     """Regex over full module names: the LM's attention projections; `LORA_ALL_LINEAR_MODULES` adds its MLP."""
+    frozen_lm_dtype: str | None = None
+    """Stage 2: hold the frozen LM weights in this dtype ("bfloat16", "float32", or "auto": bfloat16 where the device
+    runs it natively, see `hardware.bf16_is_fast`); LoRA and the saved, merged model stay float32. Default: as
+    loaded (float32)."""
+    lm_attn_implementation: str | None = None
+    """Stage 2: the LM's attention implementation ("sdpa", "eager", ...). Default: the LM's own. On CPU, "eager"
+    trains faster than SDPA's CPU kernels on short (~40-token) sequences (README, "Precision")."""
 
 
 @dataclass

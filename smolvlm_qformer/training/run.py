@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import set_seed
 
 from ..data import ChatCollator, FeatureCache, IndexedDataset, PromptConfig, RetrievalCollator, split_train_eval
 from ..data.sources import DataArguments
+from ..hardware import fast_dtype
 from ..modeling_smolvlm_qformer import SmolVLMQFormerForConditionalGeneration, SmolVLMQFormerForImageTextRetrieval
 from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
 from .arguments import ModelArguments, SmolVLMTrainingArguments
@@ -19,10 +22,23 @@ from .trainers import QFormerTrainer, VLMTrainer
 logger = logging.getLogger(__name__)
 
 
+def build_processor(model_args: ModelArguments) -> SmolVLMQFormerProcessor:
+    """The processor of `from_backbones` models; a checkpoint that cannot be loaded is an `OSError` naming the flag.
+    Stage 1 needs the LM's tokenizer too: it saves it with the processor for stage 2."""
+    try:
+        return SmolVLMQFormerProcessor.from_backbones(
+            model_args.vision_model, model_args.qformer_model, model_args.language_model, model_args.num_query_tokens
+        )
+    except OSError as error:
+        flags = (
+            "--vision_model, --qformer_model and --language_model (the LM's tokenizer: stage 1 saves it for stage 2)"
+        )
+        raise OSError(f"{error}\nCheck {flags}: Hub ids or local folders.") from error
+
+
 def build_stage1(model_args: ModelArguments) -> tuple[SmolVLMQFormerForImageTextRetrieval, SmolVLMQFormerProcessor]:
-    processor = SmolVLMQFormerProcessor.from_backbones(
-        model_args.vision_model, model_args.qformer_model, model_args.language_model, model_args.num_query_tokens
-    )
+    """The retrieval model from the vision encoder and DistilBERT checkpoints, and its processor."""
+    processor = build_processor(model_args)
     qformer_config = {"num_query_tokens": model_args.num_query_tokens, "losses": model_args.losses}
     if model_args.loss_weights is not None:
         qformer_config["loss_weights"] = model_args.loss_weights
@@ -35,46 +51,65 @@ def build_stage1(model_args: ModelArguments) -> tuple[SmolVLMQFormerForImageText
     return model, processor
 
 
-def build_stage2(model_args: ModelArguments) -> tuple[PeftModel, SmolVLMQFormerProcessor]:
+def build_stage2(model_args: ModelArguments, device: str = "cpu") -> tuple[PeftModel, SmolVLMQFormerProcessor]:
     """The generation model from the stage-1 folder (or fresh backbones), wrapped for LoRA: the LM's projections
-    that `lora_target_modules` names get LoRA, the Q-Former and adapter train in full, the rest is frozen."""
+    that `lora_target_modules` names get LoRA, the Q-Former's query path and the adapter train in full
+    (`SmolVLMQFormerForConditionalGeneration.trained_modules`), the rest is frozen (the frozen LM in
+    `frozen_lm_dtype` for `device`, with `lm_attn_implementation`)."""
     if model_args.stage1_model is not None:
         # trust_remote_code: the folder carries our own code; without it, transformers asks on a terminal (15 s)
         processor = SmolVLMQFormerProcessor.from_pretrained(model_args.stage1_model, trust_remote_code=True)
-        model = SmolVLMQFormerForConditionalGeneration.from_backbones(
-            stage1=model_args.stage1_model,
-            language_model=model_args.language_model,
-            image_token_id=processor.image_token_id,
-        )
+        backbones = {"stage1": model_args.stage1_model}
     else:
-        processor = SmolVLMQFormerProcessor.from_backbones(
-            model_args.vision_model, model_args.qformer_model, model_args.language_model, model_args.num_query_tokens
-        )
-        model = SmolVLMQFormerForConditionalGeneration.from_backbones(
-            vision=model_args.vision_model,
-            qformer=model_args.qformer_model,
-            language_model=model_args.language_model,
-            qformer_config={"num_query_tokens": model_args.num_query_tokens},
-            image_token_id=processor.image_token_id,
-        )
+        processor = build_processor(model_args)
+        backbones = {
+            "vision": model_args.vision_model,
+            "qformer": model_args.qformer_model,
+            "qformer_config": {"num_query_tokens": model_args.num_query_tokens},
+        }
+    model = SmolVLMQFormerForConditionalGeneration.from_backbones(
+        language_model=model_args.language_model, image_token_id=processor.image_token_id, **backbones
+    )
     model.config.default_prompt_ids = processor.default_prompt_ids
+    if model_args.lm_attn_implementation is not None:
+        model.model.language_model.set_attn_implementation(model_args.lm_attn_implementation)
     lora = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules,
-        modules_to_save=["qformer", "adapter"],
+        modules_to_save=SmolVLMQFormerForConditionalGeneration.trained_modules,
     )
-    return get_peft_model(model, lora), processor
+    model = get_peft_model(model, lora)
+    if model_args.frozen_lm_dtype is not None:
+        dtype = (
+            fast_dtype(device) if model_args.frozen_lm_dtype == "auto" else getattr(torch, model_args.frozen_lm_dtype)
+        )
+        for param in model.get_decoder().parameters():
+            if not param.requires_grad:  # LoRA's own weights stay float32
+                param.data = param.data.to(dtype)
+    return model, processor
+
+
+def parameter_summary(model) -> dict[str, dict[str, int]]:
+    """Parameter counts per part (LoRA, Q-Former, adapter, vision encoder, LM, heads): trainable, and of those
+    new (`new_parameters`: they train at `new_parts_learning_rate`), and frozen."""
+    new = re.compile(model.new_parameters)
+    groups: dict[str, dict[str, int]] = {}
+    for name, param in model.named_parameters():
+        parts = ("lora_", "qformer", "adapter", "vision_model", "language_model")
+        part = next((p for p in parts if p in name), "heads")
+        counts = groups.setdefault(part, {"trainable": 0, "new": 0, "frozen": 0})
+        counts["trainable" if param.requires_grad else "frozen"] += param.numel()
+        counts["new"] += param.numel() if param.requires_grad and new.search(name) else 0
+    return groups
 
 
 def _log_trainable(model) -> None:
-    groups: dict[str, list[int]] = {}
-    for name, param in model.named_parameters():
-        parts = ("lora_", "qformer", "adapter", "vision_model", "language_model")
-        part = next((p for p in parts if p in name), "other")
-        groups.setdefault(part, [0, 0])[0 if param.requires_grad else 1] += param.numel()
-    summary = ", ".join(f"{part} {t / 1e6:.2f}M trainable / {f / 1e6:.2f}M frozen" for part, (t, f) in groups.items())
+    summary = ", ".join(
+        f"{part} {c['trainable'] / 1e6:.2f}M trainable ({c['new'] / 1e6:.2f}M new) / {c['frozen'] / 1e6:.2f}M frozen"
+        for part, c in parameter_summary(model).items()
+    )
     logger.info("parameters: %s", summary)
 
 
@@ -111,19 +146,21 @@ def _train(trainer, training_args: SmolVLMTrainingArguments) -> dict[str, float]
     return metrics
 
 
-def train_qformer(
-    model_args: ModelArguments, data_args: DataArguments, training_args: SmolVLMTrainingArguments
-) -> dict[str, float]:
-    """Stage 1. Writes the retrieval model + processor to `output_dir`; returns the final metrics."""
-    set_seed(training_args.seed)  # before the new parts are initialised
-    model, processor = build_stage1(model_args)
+def fit_stage1(
+    model: SmolVLMQFormerForImageTextRetrieval,
+    processor: SmolVLMQFormerProcessor,
+    train: IndexedDataset,
+    evaluation: IndexedDataset | None,
+    data_args: DataArguments,
+    training_args: SmolVLMTrainingArguments,
+) -> tuple[dict[str, float], QFormerTrainer]:
+    """Trains stage 1 and writes the retrieval model + processor to `output_dir`; returns the metrics and trainer."""
     positions = model.config.qformer_config.max_position_embeddings
     if data_args.max_caption_tokens > positions:
         raise ValueError(
             f"--max_caption_tokens {data_args.max_caption_tokens} exceeds the Q-Former's {positions} positions"
         )
     _log_trainable(model)
-    train, evaluation = _datasets(data_args, training_args.seed)
     trainer = QFormerTrainer(
         model=model,
         args=training_args,
@@ -135,18 +172,20 @@ def train_qformer(
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():  # one writer per file under torchrun / accelerate
         processor.save_pretrained(training_args.output_dir)
-    return metrics
+    return metrics, trainer
 
 
-def train_vlm(
-    model_args: ModelArguments, data_args: DataArguments, training_args: SmolVLMTrainingArguments
-) -> dict[str, float]:
-    """Stage 2. Writes the merged model + processor to `output_dir` and the unmerged adapter to `output_dir/adapter`;
-    returns the final metrics."""
-    set_seed(training_args.seed)  # before the new parts and LoRA are initialised
-    model, processor = build_stage2(model_args)
+def fit_stage2(
+    model: PeftModel,
+    processor: SmolVLMQFormerProcessor,
+    train: IndexedDataset,
+    evaluation: IndexedDataset | None,
+    data_args: DataArguments,
+    training_args: SmolVLMTrainingArguments,
+) -> tuple[dict[str, float], VLMTrainer]:
+    """Trains stage 2 and writes the merged model + processor to `output_dir` and the unmerged adapter to
+    `output_dir/adapter`; returns the metrics and trainer."""
     _log_trainable(model)
-    train, evaluation = _datasets(data_args, training_args.seed)
     prompts = PromptConfig.from_json(data_args.prompts_file) if data_args.prompts_file else PromptConfig()
     collator = ChatCollator(
         processor,
@@ -161,13 +200,31 @@ def train_vlm(
     metrics = _train(trainer, training_args)
     if trainer.is_world_process_zero():
         save_stage2(trainer.model, processor, training_args.output_dir)
-    return metrics
+    return metrics, trainer
+
+
+def train_qformer(
+    model_args: ModelArguments, data_args: DataArguments, training_args: SmolVLMTrainingArguments
+) -> dict[str, float]:
+    """Stage 1 (`smolvlm-qformer train-qformer`): build, load the data, fit. Returns the final metrics."""
+    set_seed(training_args.seed)  # before the new parts are initialised
+    model, processor = build_stage1(model_args)
+    return fit_stage1(model, processor, *_datasets(data_args, training_args.seed), data_args, training_args)[0]
+
+
+def train_vlm(
+    model_args: ModelArguments, data_args: DataArguments, training_args: SmolVLMTrainingArguments
+) -> dict[str, float]:
+    """Stage 2 (`smolvlm-qformer train-vlm`): build, load the data, fit. Returns the final metrics."""
+    set_seed(training_args.seed)  # before the new parts and LoRA are initialised
+    model, processor = build_stage2(model_args, device=str(training_args.device))
+    return fit_stage2(model, processor, *_datasets(data_args, training_args.seed), data_args, training_args)[0]
 
 
 def save_stage2(model: PeftModel, processor: SmolVLMQFormerProcessor, output_dir: str | os.PathLike) -> None:
-    """The unmerged adapter to `output_dir/adapter`, then the LoRA-merged model and the processor to `output_dir`:
-    a plain folder that loads with the Auto classes."""
+    """The unmerged adapter to `output_dir/adapter`, then the LoRA-merged model (float32) and the processor to
+    `output_dir`: a plain folder that loads with the Auto classes."""
     model.save_pretrained(Path(output_dir) / "adapter")
-    merged = model.merge_and_unload()
+    merged = model.float().merge_and_unload()
     merged.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)

@@ -7,91 +7,27 @@ through Trainer's own loop and write checkpoints atomically.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 from collections import defaultdict
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import EvalPrediction, Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import EvalPrediction
+
+from .checkpointing import AtomicCheckpointTrainer
 
 logger = logging.getLogger(__name__)
 
-# `tmp-checkpoint-<step>` is not a checkpoint to Trainer's `checkpoint-<step>` lookups (resume, rotation).
-STAGING_PREFIX = "tmp-"
 
-
-def _fsync(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-class _SmolVLMTrainer(Trainer):
+class _SmolVLMTrainer(AtomicCheckpointTrainer):
     """What both stages share: skipped-sample counting, per-group learning rates, extra training metrics."""
-
-    new_parameters: re.Pattern  # parameters that start from scratch and train at `new_parts_learning_rate`
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.skipped_samples = 0
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_steps = 0
-        self._checkpoint_staging_dir: str | None = None
-
-    def _get_output_dir(self, trial) -> str:
-        """The run folder; while a checkpoint is being written, its staging folder (see `_save_checkpoint`)."""
-        return self._checkpoint_staging_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model: nn.Module, trial) -> None:
-        """Trainer's checkpoint, written into `tmp-checkpoint-<step>/` and renamed to `checkpoint-<step>` once every
-        process has written its part: a checkpoint folder that exists is complete. (Trainer itself writes in place,
-        so a run killed mid-save leaves a partial folder that `resume_from_checkpoint` then picks.)"""
-        run_dir = self._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, STAGING_PREFIX + name)
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed mid-save
-        self.accelerator.wait_for_everyone()
-        self._checkpoint_staging_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)  # into staging/checkpoint-<step>, rotation a no-op there
-        finally:
-            self._checkpoint_staging_dir = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            self._publish_checkpoint(os.path.join(staging, name), os.path.join(run_dir, name))
-            self._rotate(run_dir)
-        self.accelerator.wait_for_everyone()
-
-    def _publish_checkpoint(self, staged: str, final: str) -> None:
-        """Moves a complete staged checkpoint into place (after syncing it to disk, so it survives a power cut)."""
-        if self.state.best_model_checkpoint == staged:  # Trainer recorded the folder it wrote into
-            self.state.best_model_checkpoint = final
-            self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
-        for folder, _, files in os.walk(staged):
-            for file in files:
-                _fsync(os.path.join(folder, file))
-        staging = os.path.dirname(staged)
-        if os.path.isdir(final):  # the same step saved again: replaced once the new one is in place
-            os.replace(final, os.path.join(staging, "replaced"))
-        os.replace(staged, final)
-        _fsync(os.path.dirname(final))
-        shutil.rmtree(staging)
-
-    def _rotate(self, run_dir: str) -> None:
-        """Trainer's `save_total_limit` rotation, over the run folder."""
-        if hasattr(self, "_rotate_checkpoints"):  # transformers 4.x
-            self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
-            return
-        from transformers.trainer_utils import rotate_checkpoints
-
-        rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = int(inputs.pop("num_skipped", torch.zeros(1)).sum())
@@ -132,10 +68,12 @@ class _SmolVLMTrainer(Trainer):
         base_lr = self.args.learning_rate
         new_lr = self.args.new_parts_learning_rate or 5 * base_lr
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
+        # which parameters start from scratch is declared by the model (`new_parameters`, read through peft too)
+        new_parameters = re.compile(model.new_parameters)
         for name, param in model.named_parameters():
             if param.requires_grad:
                 has_decay = name in decay and param.ndim > 1  # never on norms, biases or the temperature
-                groups[(bool(self.new_parameters.search(name)), has_decay)].append(param)
+                groups[(bool(new_parameters.search(name)), has_decay)].append(param)
         param_groups = [
             {"params": params, "lr": new_lr if is_new else base_lr, "weight_decay": self.args.weight_decay * has_decay}
             for (is_new, has_decay), params in sorted(groups.items())
@@ -165,8 +103,6 @@ class QFormerTrainer(_SmolVLMTrainer):
     Logs each loss, the temperature and the in-batch image-to-text accuracy; evaluates the loss and in-batch
     retrieval accuracy both ways.
     """
-
-    new_parameters = re.compile(r"query_tokens|crossattention|vision_proj|text_proj|itm_head|itg_head|temperature")
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("compute_metrics", retrieval_accuracy)
@@ -219,8 +155,6 @@ class VLMTrainer(_SmolVLMTrainer):
 
     Evaluates the LM loss and answer accuracy.
     """
-
-    new_parameters = re.compile(r"\.adapter\.|lora_")
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("compute_metrics", answer_accuracy)
