@@ -64,7 +64,7 @@ class Blip2QFormerITC(nn.Module):
         self.qformer = Blip2QFormerModel(blip2_config)
         self.vision_projection = nn.Linear(q.dim, q.embed_dim)
         self.text_projection = nn.Linear(q.dim, q.embed_dim)
-        self.temperature = nn.Parameter(torch.tensor(q.temperature))
+        self.temperature = nn.Parameter(torch.tensor(q.itc_temperature))
 
     def forward(
         self, vision_hidden_states: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor

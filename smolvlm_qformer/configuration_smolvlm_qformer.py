@@ -43,7 +43,8 @@ class SmolVLMQFormerQFormerConfig(DistilBertConfig):
         embed_dim: size of the image-text contrastive (ITC) embedding space.
         losses: which stage-1 losses to compute, any subset of ("itc", "itm", "itg").
         loss_weights: one weight per loss in `losses`.
-        temperature: initial ITC temperature (learnable, clamped to [0.001, 0.5]).
+        itc_temperature: initial ITC temperature (learnable, clamped to [0.001, 0.5]); not `temperature`, which
+            transformers 5 reserves for generation.
     """
 
     model_type = "smolvlm_qformer_qformer"
@@ -57,7 +58,7 @@ class SmolVLMQFormerQFormerConfig(DistilBertConfig):
         embed_dim: int = 256,
         losses: list[str] | tuple[str, ...] = ("itc",),
         loss_weights: list[float] | tuple[float, ...] | None = None,
-        temperature: float = 0.07,
+        itc_temperature: float = 0.07,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -73,7 +74,7 @@ class SmolVLMQFormerQFormerConfig(DistilBertConfig):
         self.embed_dim = embed_dim
         self.losses = list(losses)
         self.loss_weights = loss_weights
-        self.temperature = temperature
+        self.itc_temperature = itc_temperature
 
 
 def _sub_config(config: PretrainedConfig | dict | None, default: dict) -> PretrainedConfig:

@@ -412,7 +412,8 @@ def encode_images(
     vision_model: PreTrainedModel,
     pixel_values: torch.Tensor | None,
     vision_hidden_states: torch.Tensor | None,
-    output_hidden_states: bool = False,
+    output_hidden_states: bool | None = None,
+    output_attentions: bool | None = None,
 ) -> BaseModelOutputWithPooling:
     """The vision encoder's output for `pixel_values`, or `vision_hidden_states` (its last hidden state, e.g. from a
     feature cache) as given; without gradients while the encoder is frozen."""
@@ -421,11 +422,13 @@ def encode_images(
     if pixel_values is None:
         raise ValueError("pass pixel_values or vision_hidden_states")
     frozen = not any(p.requires_grad for p in vision_model.parameters())
+    # flags left unset are not passed at all: the encoder then follows its config (an explicit None would not)
+    flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
     with torch.no_grad() if frozen else nullcontext():
         return vision_model(
             pixel_values=pixel_values.to(vision_model.dtype),
-            output_hidden_states=output_hidden_states,
             return_dict=True,
+            **{name: value for name, value in flags.items() if value is not None},
         )
 
 
@@ -487,13 +490,13 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
         self.text_proj = nn.Linear(qformer_config.dim, qformer_config.embed_dim)
         self.itm_head = nn.Linear(qformer_config.dim, 2)
         self.itg_head = QFormerTextHead(qformer_config)
-        self.temperature = nn.Parameter(torch.tensor(qformer_config.temperature))
+        self.temperature = nn.Parameter(torch.tensor(qformer_config.itc_temperature))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if module is self:
-            init.constant_(module.temperature, self.config.qformer_config.temperature)
+            init.constant_(module.temperature, self.config.qformer_config.itc_temperature)
 
     @classmethod
     def from_backbones(
@@ -629,9 +632,12 @@ class SmolVLMQFormerModelOutputWithPast(BaseModelOutputWithPast):
     """transformers' decoder output (its cache field named as the running release names it), plus:
 
     image_hidden_states: (B, Q, H) the adapted query embeddings spliced into the prompt, when an image was given.
+    image_outputs: `get_image_features`' output (the vision encoder's, with its hidden states / attentions when
+        asked for, and `pooler_output` = `image_hidden_states`), when an image was given.
     """
 
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
@@ -640,11 +646,14 @@ class SmolVLMQFormerCausalLMOutput(CausalLMOutputWithPast):
 
     image_hidden_states: (B, Q, H) the adapted query embeddings spliced into the prompt, when an image was given.
 
+    image_outputs: `get_image_features`' output, when an image was given.
+
     In training with labels, `logits` are (B, K, vocab) at the K positions that predict a label in some row of the
     batch (see `scored_positions`); `loss` is the LM loss over the positions whose label is not -100 (the answer).
     """
 
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
@@ -663,6 +672,9 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
         self.qformer = QFormerModel(config.qformer_config)
         self.adapter = SmolVLMQFormerAdapter(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        # the query path never reads the Q-Former's word and position embeddings: they would never get a gradient
+        self.qformer.embeddings.word_embeddings.requires_grad_(False)
+        self.qformer.embeddings.position_embeddings.requires_grad_(False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -676,12 +688,17 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         vision_hidden_states: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
     ) -> BaseModelOutputWithPooling:
-        """The vision encoder's output, with `pooler_output` (B, Q, H): the image's query outputs mapped into the
-        LM's embedding space, what `forward` splices into the prompt. `vision_hidden_states` (the encoder's last
-        hidden state, e.g. from a feature cache) stands in for `pixel_values`."""
-        image_outputs = encode_images(self.vision_model, pixel_values, vision_hidden_states, output_hidden_states)
+        """The vision encoder's output (its hidden states / attentions as asked, else as its config says), with
+        `pooler_output` (B, Q, H): the image's query outputs mapped into the LM's embedding space, what `forward`
+        splices into the prompt. `vision_hidden_states` (the encoder's last hidden state, e.g. from a feature cache)
+        stands in for `pixel_values`."""
+        image_outputs = encode_images(
+            self.vision_model, pixel_values, vision_hidden_states, output_hidden_states, output_attentions
+        )
         query_output = self.qformer(vision_hidden_states=image_outputs.last_hidden_state).query_output
         image_outputs.pooler_output = self.adapter(query_output)
         return image_outputs
@@ -721,15 +738,20 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
             raise ValueError("pass input_ids or inputs_embeds (a prompt), with or without images")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        image_features = None
+        image_features = image_outputs = None
         if pixel_values is not None or vision_hidden_states is not None:
             if input_ids is None:
                 raise ValueError(
                     "images need input_ids to find their placeholder tokens; with inputs_embeds alone, splice "
                     "get_image_features(...).pooler_output into them yourself"
                 )
-            image_features = self.get_image_features(pixel_values, vision_hidden_states).pooler_output
-            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_outputs = self.get_image_features(
+                pixel_values,
+                vision_hidden_states,
+                output_hidden_states=kwargs.get("output_hidden_states"),
+                output_attentions=kwargs.get("output_attentions"),
+            )
+            image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(
                 self.get_placeholder_mask(input_ids, image_features), image_features
             )
@@ -750,6 +772,7 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
+            image_outputs=image_outputs,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
@@ -779,6 +802,8 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
         if hasattr(PreTrainedModel, "get_expanded_tied_weights_keys")
         else ["lm_head.weight"]
     )
+    # the LM head is sharded like its tied input embeddings under tensor parallelism (as LLaVA / Llama do)
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     new_parameters = r"\.adapter\.|lora_"
     """Stage 2's parameters that start from scratch (they train at `new_parts_learning_rate`)."""
     trained_modules = ["qformer.queries", "qformer.embeddings.LayerNorm", "qformer.transformer", "adapter"]
@@ -864,11 +889,13 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
             use_cache=use_cache,
             **kwargs,
         )
-        shift_labels = None
+        shift_labels = kwargs.pop("shift_labels", None)  # a caller's (already shifted) labels are used as given
         if labels is not None:
             labels = labels.masked_fill(labels == self.config.image_token_id, -100)
-            if self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            if self.training and shift_labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
                 logits_to_keep, shift_labels = scored_positions(labels)
+        if shift_labels is not None:
+            shift_labels = shift_labels.masked_fill(shift_labels == self.config.image_token_id, -100)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, keep])
         loss = None
@@ -886,6 +913,7 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin, processing_utils
 from transformers.image_utils import load_image
 from transformers.processing_utils import ProcessingKwargs
 
@@ -179,7 +179,10 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer", "qformer_tokenizer"]
-    image_processor_class = "AutoImageProcessor"
+    if not hasattr(processing_utils, "MODALITY_TO_AUTOPROCESSOR_MAPPING"):
+        # transformers 4.x looks each component's class up here; 5.x loads the image processor through
+        # AutoImageProcessor and calls naming it deprecated
+        image_processor_class = "AutoImageProcessor"
     tokenizer_class = "AutoTokenizer"
     qformer_tokenizer_class = "AutoTokenizer"
 
@@ -325,11 +328,12 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
 
     @staticmethod
     def _as_image_list(images: Any) -> list:
-        """One entry per image: a list/tuple as given, a 4-d array or tensor split along its first axis."""
+        """One entry per image: a list/tuple as given (lists of images per prompt, as `apply_chat_template`, the
+        pipelines and TRL pass them, flattened in order), a 4-d array or tensor split along its first axis."""
         if images is None:
             return []
         if isinstance(images, (list, tuple)):
-            return list(images)
+            return [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
             return list(images)
         return [images]

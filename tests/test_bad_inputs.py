@@ -109,7 +109,7 @@ def test_processor_takes_odd_pil_images_as_decoded(processor, corpus):
         (np.zeros((5, 5, 2), dtype=np.uint8), r"\(5, 5, 2\)"),
         (np.zeros((2, 4, 4, 3, 1), dtype=np.uint8), "an image array must be"),
         ("no-such-photo.jpg", "No such file"),  # paths are read (and URLs fetched), like ViT's own processor
-        ([1, 2, 3], "got list"),
+        (7, "got int"),
     ],
 )
 def test_processor_names_an_unusable_image(processor, image, message):

@@ -47,7 +47,7 @@ def backbones(tmp_path_factory, processor):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return str(make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 96))
+    return str(make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 192))
 
 
 def _model_args(backbones, **kwargs) -> ModelArguments:

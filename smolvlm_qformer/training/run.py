@@ -29,7 +29,7 @@ def build_processor(model_args: ModelArguments) -> SmolVLMQFormerProcessor:
         return SmolVLMQFormerProcessor.from_backbones(
             model_args.vision_model, model_args.qformer_model, model_args.language_model, model_args.num_query_tokens
         )
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: transformers 4.x's word for a path that is not there
         flags = (
             "--vision_model, --qformer_model and --language_model (the LM's tokenizer: stage 1 saves it for stage 2)"
         )
