@@ -150,6 +150,32 @@ class QFormerCrossAttention(nn.Module):
         return self.layer_norm(queries + self.out_lin(context)), weights
 
 
+class QFormerSelfAttention(nn.Module):
+    """Self-attention over `[queries; text]` with DistilBERT's projections (`q_lin`, `k_lin`, `v_lin`, `out_lin`, so
+    its weights load unchanged) and the Q-Former's boolean mask. Everything happens in `forward`: a caller never
+    reaches for the projections, so an engine that fuses them (vLLM's transformers backend) keeps a working model."""
+
+    def __init__(self, config: SmolVLMQFormerQFormerConfig):
+        super().__init__()
+        self.num_heads = config.n_heads
+        self.dropout = config.attention_dropout
+        self.q_lin = nn.Linear(config.dim, config.dim)
+        self.k_lin = nn.Linear(config.dim, config.dim)
+        self.v_lin = nn.Linear(config.dim, config.dim)
+        self.out_lin = nn.Linear(config.dim, config.dim)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        context, _ = multi_head_attention(
+            self.q_lin(hidden_states),
+            self.k_lin(hidden_states),
+            self.v_lin(hidden_states),
+            self.num_heads,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+        )
+        return self.out_lin(context)
+
+
 class QFormerLayer(TransformerBlock):
     """A DistilBERT `TransformerBlock` (same parameters, so pretrained weights load unchanged) whose query positions
     cross-attend to the image between self-attention and the feed-forward network, when the layer has
@@ -157,7 +183,7 @@ class QFormerLayer(TransformerBlock):
 
     def __init__(self, config: SmolVLMQFormerQFormerConfig, has_cross_attention: bool):
         super().__init__(config)
-        self.num_heads = config.n_heads
+        self.attention = QFormerSelfAttention(config)  # DistilBERT's own takes a different mask in each release
         self.crossattention = QFormerCrossAttention(config) if has_cross_attention else None
 
     def forward(
@@ -168,16 +194,7 @@ class QFormerLayer(TransformerBlock):
         num_queries: int,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn = self.attention
-        context, _ = multi_head_attention(
-            attn.q_lin(hidden_states),
-            attn.k_lin(hidden_states),
-            attn.v_lin(hidden_states),
-            self.num_heads,
-            attention_mask,
-            dropout=attn.dropout.p if self.training else 0.0,
-        )
-        hidden_states = self.sa_layer_norm(hidden_states + attn.out_lin(context))
+        hidden_states = self.sa_layer_norm(hidden_states + self.attention(hidden_states, attention_mask))
 
         cross_weights = None
         if self.crossattention is not None and num_queries > 0:
@@ -656,6 +673,33 @@ class SmolVLMQFormerCausalLMOutput(CausalLMOutputWithPast):
     image_outputs: BaseModelOutputWithPooling | None = None
 
 
+class PlaceholderEmbedding(nn.Embedding):
+    """The LM's token embedding table (same shape and weights as its `nn.Embedding`) that also takes the image
+    placeholder id, which lies past the table: it embeds as token 0, and the model overwrites it with an image query
+    embedding. Masking here, not only in `SmolVLMQFormerModel.embed_tokens`, serves engines that embed the prompt
+    through the LM's own `get_input_embeddings()` (vLLM's transformers backend, which keeps an `nn.Embedding`
+    subclass's `forward` around its own lookup)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, placeholder_id: int, **kwargs):
+        super().__init__(num_embeddings, embedding_dim, **kwargs)
+        self.placeholder_id = placeholder_id
+
+    @classmethod
+    def like(cls, embedding: nn.Embedding, placeholder_id: int) -> PlaceholderEmbedding:
+        """A new table of `embedding`'s shape, padding index, device and dtype (its weights are not copied)."""
+        return cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            placeholder_id,
+            padding_idx=embedding.padding_idx,
+            device=embedding.weight.device,
+            dtype=embedding.weight.dtype,
+        )
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return super().forward(input_ids.masked_fill(input_ids == self.placeholder_id, 0))
+
+
 class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
     """Frozen vision encoder -> Q-Former (queries only) -> MLP adapter -> the LM's decoder, without its head.
 
@@ -672,6 +716,9 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
         self.qformer = QFormerModel(config.qformer_config)
         self.adapter = SmolVLMQFormerAdapter(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        self.language_model.set_input_embeddings(
+            PlaceholderEmbedding.like(self.language_model.get_input_embeddings(), config.image_token_id)
+        )
         # the query path never reads the Q-Former's word and position embeddings: they would never get a gradient
         self.qformer.embeddings.word_embeddings.requires_grad_(False)
         self.qformer.embeddings.position_embeddings.requires_grad_(False)

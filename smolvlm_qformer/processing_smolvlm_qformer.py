@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin, processing_utils
 from transformers.image_utils import load_image
-from transformers.processing_utils import ProcessingKwargs
+from transformers.processing_utils import MultiModalData, ProcessingKwargs
 
 IMAGE_TOKEN = "<image>"
 QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"
@@ -259,7 +259,41 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         return self.tokenizer(self.expand_image_tokens(self.build_prompt()), add_special_tokens=False).input_ids
 
     def expand_image_tokens(self, prompt: str) -> str:
-        return prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_query_tokens)
+        return prompt.replace(IMAGE_TOKEN, self.replace_image_token())
+
+    def replace_image_token(self, image_inputs: dict | None = None, image_idx: int = 0, **kwargs: Any) -> str:
+        """What one `<image>` marker expands into: `num_query_tokens` placeholders, whatever the image's size."""
+        return IMAGE_TOKEN * self.num_query_tokens
+
+    def text_replacement_offsets(self, prompt: str) -> list[dict]:
+        """Where `expand_image_tokens` expands each marker of `prompt`, in the layout transformers 5's processors
+        return under `text_replacement_offsets` (serving engines such as vLLM read it to place each image's
+        embeddings): per marker its modality, its character span before and after expansion, the marker and what
+        replaced it."""
+        replacement = self.replace_image_token()
+        offsets, start = [], prompt.find(IMAGE_TOKEN)
+        while start != -1:
+            new_start = start + len(offsets) * (len(replacement) - len(IMAGE_TOKEN))
+            offsets.append(
+                {
+                    "type": "image",
+                    "span": (start, start + len(IMAGE_TOKEN)),
+                    "new_span": (new_start, new_start + len(replacement)),
+                    "text": IMAGE_TOKEN,
+                    "replacement": replacement,
+                }
+            )
+            start = prompt.find(IMAGE_TOKEN, start + len(IMAGE_TOKEN))
+        return offsets
+
+    def _get_num_multimodal_tokens(self, image_sizes: list | None = None, **kwargs: Any) -> MultiModalData:
+        """Placeholder tokens per image (`num_query_tokens`, whatever the size: images are resized to the vision
+        encoder's input) and rows of `pixel_values` per image (one), for images of the given (height, width)."""
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(
+            num_image_tokens=[self.num_query_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+        )
 
     def encode_prompts(self, prompts: list[str], **text_kwargs: Any) -> dict:
         """Chat prompts with `<image>` markers -> `input_ids` / `attention_mask`, each marker expanded into its
@@ -283,6 +317,9 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         """
         if audio is not None or videos is not None:
             raise ValueError(f"{type(self).__name__} takes images and text only")
+        # taken out before merging: transformers 4.x does not know the second and would drop it with a warning
+        return_mm_token_type_ids = kwargs.pop("return_mm_token_type_ids", False)
+        return_offsets = kwargs.pop("return_text_replacement_offsets", False)
         output_kwargs = self._merge_kwargs(
             SmolVLMQFormerProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
@@ -298,11 +335,19 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         if num_markers != len(images):
             raise ValueError(f"the prompts have {num_markers} {IMAGE_TOKEN} markers for {len(images)} images")
 
-        return_tensors = output_kwargs["text_kwargs"].pop("return_tensors", None)
-        data = dict(self.encode_prompts(texts, **output_kwargs["text_kwargs"], return_tensors=None))
+        text_kwargs = output_kwargs["text_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", False) or return_mm_token_type_ids
+        return_offsets = text_kwargs.pop("return_text_replacement_offsets", False) or return_offsets
+        data = dict(self.encode_prompts(texts, **text_kwargs, return_tensors=None))
+        if return_mm_token_type_ids:  # 1 at the image placeholders, 0 elsewhere
+            data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in ids] for ids in data["input_ids"]]
         if images:
             data["pixel_values"] = self._pixel_values(images, **output_kwargs["images_kwargs"])
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        batch = BatchFeature(data=data, tensor_type=return_tensors)
+        if return_offsets:  # nested dicts: kept out of the tensor conversion
+            batch["text_replacement_offsets"] = [self.text_replacement_offsets(t) for t in texts]
+        return batch
 
     def retrieval_inputs(
         self, images: Any = None, text: str | list[str] | None = None, max_length: int = 32

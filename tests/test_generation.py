@@ -51,6 +51,20 @@ def test_headless_model_times_the_lm_head_gives_the_logits(model, processor, ima
     torch.testing.assert_close(model.lm_head(hidden), model(**batch).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_the_lm_embedding_table_takes_the_placeholder_id(model, processor, images):
+    """Engines that embed a prompt through the LM's own table (vLLM's transformers backend) may pass it the
+    placeholders: they embed as token 0 (the image overwrites them). The table keeps the LM's shape, and any other
+    id past it is still an error."""
+    table = model.model.language_model.get_input_embeddings()
+    assert table is model.get_input_embeddings() and table.weight.shape[0] == model.config.text_config.vocab_size
+    ids = processor(images=images[:1], text=QUESTIONS[:1]).input_ids
+    is_image = ids == processor.image_token_id
+    assert is_image.any()
+    torch.testing.assert_close(table(ids), table.weight[ids.masked_fill(is_image, 0)])
+    with pytest.raises(IndexError):
+        table(torch.tensor([processor.image_token_id + 1]))
+
+
 def test_labels_may_be_the_input_ids_as_they_are(model, processor, images):
     """The placeholders lie past the LM's vocabulary: as labels they are ignored, not an out-of-range target."""
     batch = processor(images=images[:2], text=QUESTIONS)

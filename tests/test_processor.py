@@ -105,3 +105,33 @@ def test_training_and_inference_build_the_same_prompt_ids(processor, images):
             images=[row["image"]], text=[processor.build_prompt(row.get("question"), "Answer briefly.")]
         )
         assert ids[:prompt_length].tolist() == inference.input_ids[0].tolist()
+
+
+def test_serving_engines_can_count_and_place_the_image_tokens(processor, images):
+    """What serving engines (vLLM's transformers backend) ask a processor: tokens and `pixel_values` rows per image
+    size, each marker's expansion (`text_replacement_offsets`, the layout transformers 5's processors return) and the
+    token types."""
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(40, 48), (500, 20)])
+    assert counts.num_image_tokens == [processor.num_query_tokens] * 2 and counts.num_image_patches == [1, 1]
+    assert processor._get_num_multimodal_tokens().num_image_tokens is None
+
+    prompts = [f"{IMAGE_TOKEN}a{IMAGE_TOKEN}b", f"c{IMAGE_TOKEN}"]
+    batch = processor(images=images[:3], text=prompts, return_text_replacement_offsets=True)
+    assert batch.input_ids.shape[0] == 2 and isinstance(batch.input_ids, torch.Tensor)
+    offsets = batch["text_replacement_offsets"]
+    assert [len(per_prompt) for per_prompt in offsets] == [2, 1]
+    for prompt, per_prompt in zip(prompts, offsets, strict=True):
+        expanded = processor.expand_image_tokens(prompt)
+        for entry in per_prompt:
+            assert entry["type"] == "image" and entry["text"] == IMAGE_TOKEN
+            assert entry["replacement"] == IMAGE_TOKEN * processor.num_query_tokens
+            assert prompt[slice(*entry["span"])] == IMAGE_TOKEN
+            assert expanded[slice(*entry["new_span"])] == entry["replacement"]
+    assert "text_replacement_offsets" not in processor(images=images[:1], text="What colour?")
+
+    typed = processor(
+        images=images[:2],
+        text=["What colour?", "Is there a big circle on the left side?"],
+        return_mm_token_type_ids=True,
+    )
+    torch.testing.assert_close(typed.mm_token_type_ids, (typed.input_ids == processor.image_token_id).long())

@@ -207,3 +207,26 @@ def test_cached_vision_features_give_the_same_outputs(retrieval, processor, imag
     )
     torch.testing.assert_close(a.loss, b.loss)
     torch.testing.assert_close(a.logits_per_image, b.logits_per_image)
+
+
+def test_layers_use_their_attention_blocks_only_through_forward(qformer, text):
+    """An engine may replace a block's projections (vLLM's transformers backend fuses `q_lin`/`k_lin`/`v_lin` into
+    one and rewrites that block's `forward`): no caller reaches inside a block, so hiding its insides changes
+    nothing."""
+
+    class Opaque(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    vision = torch.randn(len(TEXTS), 5, qformer.config.encoder_hidden_size)
+    inputs = {"vision_hidden_states": vision, "input_ids": text.input_ids, "attention_mask": text.attention_mask}
+    expected = qformer(**inputs, mode="multimodal_causal").last_hidden_state
+    for layer in qformer.transformer.layer:
+        layer.attention = Opaque(layer.attention)
+        if layer.crossattention is not None:
+            layer.crossattention = Opaque(layer.crossattention)
+    torch.testing.assert_close(qformer(**inputs, mode="multimodal_causal").last_hidden_state, expected)
