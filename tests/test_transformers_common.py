@@ -185,11 +185,10 @@ MAPPING_NAMES = (
 
 
 PLACEHOLDER_OUTSIDE_EMBEDDINGS = (
-    "by design the image placeholder id lies past the LM's vocabulary (the LM keeps its embedding shape), so "
-    "get_input_embeddings()(input_ids) cannot embed a prompt with an image, and images need input_ids to find their "
-    "placeholders (tests/test_generation.py checks inputs_embeds without images and the clear error with them). "
-    "SmolVLMQFormerModel.embed_tokens masks the placeholder, but callers of "
-    "get_input_embeddings (the common tests, peft, users building inputs_embeds) do not"
+    "by design the image placeholder id lies past the LM's vocabulary (the LM keeps its embedding shape): its input "
+    "embedding is token 0's until the image replaces it, so in inputs_embeds alone a placeholder cannot be told "
+    "from token 0, and images need input_ids to find their placeholders (tests/test_generation.py checks "
+    "inputs_embeds without images, and the clear error with them)"
 )
 
 
