@@ -676,7 +676,7 @@ class SmolVLMQFormerCausalLMOutput(CausalLMOutputWithPast):
 class PlaceholderEmbedding(nn.Embedding):
     """The LM's token embedding table (same shape and weights as its `nn.Embedding`) that also takes the image
     placeholder id, which lies past the table: it embeds as token 0, and the model overwrites it with an image query
-    embedding. Masking here, not only in `SmolVLMQFormerModel.embed_tokens`, serves engines that embed the prompt
+    embedding. Masking in the table itself, the one place, also serves engines that embed the prompt
     through the LM's own `get_input_embeddings()` (vLLM's transformers backend, which keeps an `nn.Embedding`
     subclass's `forward` around its own lookup)."""
 
@@ -760,10 +760,6 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
             )
         return image_mask.unsqueeze(-1)
 
-    def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """The LM's embeddings of `input_ids`; placeholders (past the vocabulary) embed as token 0 until replaced."""
-        return self.get_input_embeddings()(input_ids.masked_fill(input_ids == self.config.image_token_id, 0))
-
     @can_return_tuple
     def forward(
         self,
@@ -784,7 +780,7 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids or inputs_embeds (a prompt), with or without images")
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # a PlaceholderEmbedding: takes the placeholder
         image_features = image_outputs = None
         if pixel_values is not None or vision_hidden_states is not None:
             if input_ids is None:

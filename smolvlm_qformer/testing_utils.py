@@ -149,6 +149,19 @@ def tiny_config(processor: SmolVLMQFormerProcessor | None = None, **qformer_kwar
     )
 
 
+def tiny_generation_model(config: SmolVLMQFormerConfig) -> torch.nn.Module:
+    """A tiny generation model whose random LM weights are widened so that greedy decoding produces varied tokens
+    (near-uniform logits would repeat one), with no end-of-sequence stop: for comparing generations."""
+    from .modeling_smolvlm_qformer import SmolVLMQFormerForConditionalGeneration
+
+    model = SmolVLMQFormerForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in model.model.language_model.parameters():
+            param.add_(torch.randn_like(param) * 0.3)
+    model.generation_config.eos_token_id = None
+    return model
+
+
 def save_tiny_backbones(
     root: str | Path, processor: SmolVLMQFormerProcessor | None = None, seed: int = 0
 ) -> dict[str, str]:

@@ -24,16 +24,11 @@ def test_image() -> Image.Image:
 
 
 def save(folder: Path) -> None:
-    from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration
-    from smolvlm_qformer.testing_utils import tiny_config, tiny_processor
+    from smolvlm_qformer.testing_utils import tiny_config, tiny_generation_model, tiny_processor
 
     torch.manual_seed(0)
     processor = tiny_processor()
-    model = SmolVLMQFormerForConditionalGeneration(tiny_config(processor)).eval()
-    with torch.no_grad():  # widen the random weights so that greedy decoding produces varied tokens
-        for param in model.model.language_model.parameters():
-            param.add_(torch.randn_like(param) * 0.3)
-    model.generation_config.eos_token_id = None
+    model = tiny_generation_model(tiny_config(processor))
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     (folder / "expected.json").write_text(json.dumps(expected_outputs(model, processor)))

@@ -87,7 +87,7 @@ def test_return_dict_false_gives_the_same_tuple(model, processor, images):
 
 def test_embeddings_without_input_ids_cannot_silently_drop_the_image(model, processor, images):
     batch = processor(images=images[:2], text=QUESTIONS)
-    embeds = model.model.embed_tokens(batch.input_ids)
+    embeds = model.get_input_embeddings()(batch.input_ids)
     with pytest.raises(ValueError, match="need input_ids"):
         model(inputs_embeds=embeds, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask)
     text = processor.tokenizer(QUESTIONS, padding=True, return_tensors="pt")
