@@ -75,17 +75,22 @@ def build_lm_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 
 def build_qformer_tokenizer() -> DistilBertTokenizerFast:
-    """A lower-casing WordPiece tokenizer with BERT's special tokens ([PAD]=0) that adds [CLS] ... [SEP]."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
+    """A lower-casing WordPiece tokenizer with BERT's special tokens ([PAD]=0) that adds [CLS] ... [SEP].
+
+    The vocabulary is listed, not trained: `WordPieceTrainer` numbers its alphabet in hash-map order, which made
+    every process's tiny models (and so the tests' numbers) different."""
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = {word for text in _corpus() for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))}
+    characters = sorted({character for word in words for character in word})
+    pieces = sorted(words) + characters + [f"##{character}" for character in characters]
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=special, show_progress=False)
-    tokenizer.train_from_iterator(_corpus() * 4, trainer=trainer)
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(special + pieces))}
+    tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return DistilBertTokenizerFast(tokenizer_object=tokenizer)
 

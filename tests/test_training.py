@@ -152,8 +152,8 @@ def test_stage2_learns_answers_and_saves_a_folder_that_loads(stage1, backbones, 
     after, greedy_after = trainer.evaluate(), _greedy_matches(trainer.model, processor, rows)
 
     assert after["eval_loss"] < before["eval_loss"] / 4
-    # held-out exact answers on 48 rows of a tiny random-vision model are noisy (0.29-0.69 across runs): better than
-    # untrained; the learning itself is pinned by the loss above and the greedy matches below
+    # held-out exact answers of a tiny random-vision model differ between transformers releases: better than untrained;
+    # the learning itself is pinned by the loss above and the greedy matches below
     assert after["eval_answer_accuracy"] > before["eval_answer_accuracy"]
     print(f"greedy exact matches on {len(rows)} training prompts: {greedy_before} -> {greedy_after}")
     assert greedy_after >= greedy_before + len(rows) // 3
@@ -360,6 +360,36 @@ def test_streaming_data_and_gradient_checkpointing(backbones, shapes, tmp_path):
     args = _training_args(tmp_path / "vlm", max_steps=2, **{CHECKPOINTING: True})
     VLMTrainer(model=model, args=args, train_dataset=train, data_collator=ChatCollator(processor)).train()
     assert any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+def test_checkpointed_stage1_computes_the_same_gradients(backbones, shapes, tmp_path):
+    """Recomputing activations in the backward changes no gradient (the text-only ITC pass starts from frozen
+    embeddings, which reentrant checkpointing alone would cut off)."""
+    model, processor = build_stage1(_model_args(backbones))
+    train, _ = split_train_eval(_caption_data(shapes), seed=42)
+    batch = RetrievalCollator(processor)([train[i] for i in range(6)])
+    batch.pop("num_skipped")  # the trainer's count
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        model(**batch).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    trainer = QFormerTrainer(
+        model=model, args=_training_args(tmp_path, max_steps=1, learning_rate=0.0, **{CHECKPOINTING: True})
+    )
+    trainer.train_dataset, trainer.data_collator = train, RetrievalCollator(processor)
+    trainer.train()  # switches checkpointing on the way a user's run does
+    model.train()
+    assert any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    checkpointed = gradients()
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    plain = gradients()
+    assert checkpointed.keys() == plain.keys()
+    assert any("transformer.layer.0." in name for name in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])

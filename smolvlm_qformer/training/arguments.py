@@ -9,6 +9,13 @@ from transformers import TrainingArguments
 from ..hardware import bf16_is_fast
 from ..modeling_smolvlm_qformer import LORA_TARGET_MODULES
 
+# transformers 5.24 renamed `gradient_checkpointing_kwargs` (a deprecated alias until v6) to this
+CHECKPOINTING_KWARGS = next(
+    name
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+    if name in TrainingArguments.__dataclass_fields__
+)
+
 
 @dataclass
 class ModelArguments:
@@ -44,6 +51,8 @@ class SmolVLMTrainingArguments(TrainingArguments):
     Stage 1: pretrained DistilBERT weights train at `learning_rate`; queries, cross-attention, projections, heads
     and temperature at `new_parts_learning_rate`. Stage 2: the Q-Former at `learning_rate`; the MLP adapter and
     LoRA at `new_parts_learning_rate`. `bf16` defaults to whatever is faster on the training device.
+    Activation checkpointing defaults to torch's non-reentrant kind (5.x's default) on every release: 4.x's reentrant
+    default needs inputs that require gradients and warns on each frozen vision-encoder layer.
     """
 
     new_parts_learning_rate: float | None = field(
@@ -62,4 +71,6 @@ class SmolVLMTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.bf16 is None:  # transformers allows bf16 on a CPU only with use_cpu
             self.bf16 = bf16_is_fast("cpu" if self.use_cpu else "cuda")
+        if getattr(self, CHECKPOINTING_KWARGS) is None:
+            setattr(self, CHECKPOINTING_KWARGS, {"use_reentrant": False})
         super().__post_init__()
