@@ -86,6 +86,10 @@ class DemoArguments:
     stage1_batch_size: int = 32
     stage2_batch_size: int = 16
     """Stage 2 takes more, smaller steps: at 32 its loss stalls where answering yes/no needs no image."""
+    conversations: bool = True
+    """Stage 2 trains one conversation per image (its caption and questions as turns, in a new order each epoch), so
+    the image embeddings and the system prompt are computed once per image, not once per question; False: one row
+    per question or caption."""
     stage1_learning_rate: float = 2e-4
     stage2_learning_rate: float = 2e-4
     num_query_tokens: int = 8
@@ -112,22 +116,6 @@ class DemoArguments:
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.lm_attn_implementation is None and self.device == "cpu":
             self.lm_attn_implementation = "eager"
-
-
-class SharedImageFeatures:
-    """A feature cache of one row per image, read by rows that share images (row i reads image `image_index[i]`): the
-    vision encoder runs once per image, not once per question."""
-
-    def __init__(self, cache: FeatureCache, image_index: Sequence[int]):
-        self.cache = cache
-        self.image_index = list(image_index)
-        self.folder = cache.folder
-
-    def __len__(self) -> int:
-        return len(self.image_index)
-
-    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.get([self.image_index[i] for i in indices])
 
 
 @contextmanager
@@ -163,8 +151,22 @@ def _questions_and_captions(rows: datasets.Dataset) -> tuple[datasets.Dataset, d
     )
 
 
-def _with_features(rows: datasets.Dataset, cache: FeatureCache, image_index: dict[str, int]) -> IndexedDataset:
-    return IndexedDataset(rows, SharedImageFeatures(cache, [image_index[path] for path in rows["image"]]))
+def _features(cache: FeatureCache, paths: Sequence[str]) -> torch.Tensor:
+    return cache.get(cache.lookup(list(paths)))[0]
+
+
+def _conversations(rows: datasets.Dataset) -> datasets.Dataset:
+    """Question and caption rows grouped into one conversation per image, in first-seen order: the image and its
+    caption turn (a captioning instruction is drawn for it) first if it has one, then its questions."""
+    turns: dict[str, list[dict]] = {}
+    for path, question, answer in zip(rows["image"], rows["question"], rows["answer"], strict=True):
+        user = {"role": "user", "content": [{"type": "text", "text": question}] if question else []}
+        exchange = [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        conversation = turns.setdefault(path, [])
+        conversation[len(conversation) if question else 0 : 0] = exchange
+    for conversation in turns.values():
+        conversation[0]["content"].insert(0, {"type": "image"})
+    return datasets.Dataset.from_dict({"image": list(turns), "messages": list(turns.values())})
 
 
 def _training_args(args: DemoArguments, output_dir: Path, epochs: float, batch_size: int, learning_rate: float):
@@ -238,13 +240,13 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     if args.image_size is not None:
         processor.image_processor.size = {"height": args.image_size, "width": args.image_size}
 
-    # One row per image (caption or None): the feature cache holds these, and every training or test row reads the
-    # features of its image through `image_index`.
+    # One row per image (caption or None): the feature cache holds these (per image), and every training or test
+    # row reads the features of its image.
     images = {
         "train": _first(easy_vqa_dataset("train", "captions"), args.train_images),
         "test": _first(easy_vqa_dataset("test", "captions"), args.test_images),
     }
-    image_index = {split: {path: i for i, path in enumerate(rows["image"])} for split, rows in images.items()}
+    image_paths = {split: set(rows["image"]) for split, rows in images.items()}
     with _timed(seconds, "feature_cache"):
         caches = {
             split: build_feature_cache(
@@ -259,17 +261,17 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
         }
 
     # Stage 1 (`train-qformer`'s fit): the Q-Former learns to match images and captions.
-    stage1_rows = _rows("train", "captions", set(image_index["train"]))
+    stage1_rows = _rows("train", "captions", image_paths["train"])
     with _timed(seconds, "stage1"):
         stage1_args = _training_args(
             args, output_dir / "stage1", args.stage1_epochs, args.stage1_batch_size, args.stage1_learning_rate
         )
-        train = _with_features(stage1_rows, caches["train"], image_index["train"])
+        train = IndexedDataset(stage1_rows, caches["train"])
         _, trainer = fit_stage1(model, processor, train, None, DataArguments(**DEMO_DATA), stage1_args)
     histories = {"stage 1 (ITC loss)": trainer.state.log_history}
 
     test_images = images["test"].filter(lambda caption: caption is not None, input_columns="caption")
-    test_features, _ = caches["test"].get([image_index["test"][path] for path in test_images["image"]])
+    test_features = _features(caches["test"], test_images["image"])
     with _timed(seconds, "retrieval_eval"):  # `evaluate`'s scoring, on cached features
         texts = sorted(set(test_images["caption"]))
         positives = torch.tensor([[caption == text for text in texts] for caption in test_images["caption"]])
@@ -279,7 +281,7 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
 
     # Stage 2 (`train-vlm`'s build + fit): Q-Former + adapter + LoRA learn to answer questions and to caption.
     question_columns = {"caption_column": None, "question_column": "question", "answer_column": "answer"}
-    questions, captions = _questions_and_captions(_rows("train", "vqa", set(image_index["train"]), **question_columns))
+    questions, captions = _questions_and_captions(_rows("train", "vqa", image_paths["train"], **question_columns))
     stage2_rows = datasets.concatenate_datasets(
         [_sample(questions, args.train_questions, args.seed), _sample(captions, args.train_captions, args.seed)]
     )
@@ -300,19 +302,20 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
         stage2_args = _training_args(
             args, model_dir, args.stage2_epochs, args.stage2_batch_size, args.stage2_learning_rate
         )
-        train = _with_features(stage2_rows, caches["train"], image_index["train"])
-        data_args = DataArguments(**DEMO_DATA, prompts_file=str(prompts_file))
+        conversations = _conversations(stage2_rows) if args.conversations else stage2_rows
+        train = IndexedDataset(conversations, caches["train"])
+        data_args = DataArguments(**DEMO_DATA, prompts_file=str(prompts_file), shuffle_turns=args.conversations)
         _, trainer = fit_stage2(vlm, processor, train, None, data_args, stage2_args)
     histories["stage 2 (LM loss on answers)"] = trainer.state.log_history
     del vlm, trainer
 
     # Evaluate the saved folder as anyone would load it (`inference.load_for_inference`, bf16 where it is native).
     model, processor = load_for_inference(str(model_dir), args.device)
-    test_questions, _ = _questions_and_captions(_rows("test", "vqa", set(image_index["test"]), **question_columns))
+    test_questions, _ = _questions_and_captions(_rows("test", "vqa", image_paths["test"], **question_columns))
     test_questions = _sample(test_questions, args.test_questions, args.seed)
-    question_features, _ = caches["test"].get([image_index["test"][path] for path in test_questions["image"]])
+    question_features = _features(caches["test"], test_questions["image"])
     caption_images = _sample(test_images, args.test_captions, args.seed)
-    caption_features, _ = caches["test"].get([image_index["test"][path] for path in caption_images["image"]])
+    caption_features = _features(caches["test"], caption_images["image"])
     generation = {"system_prompt": args.system_prompt, "batch_size": 64, "max_new_tokens": args.max_new_tokens}
     with _timed(seconds, "vqa_eval"):
         answers = list(generate_texts(model, processor, question_features, test_questions["question"], **generation))

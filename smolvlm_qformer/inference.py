@@ -88,7 +88,7 @@ def _generate(
     """One batch: the new text of each prompt, stripped."""
     prompts = [processor.build_prompt(question, system_prompt) for question in questions]
     if isinstance(images, torch.Tensor):
-        inputs = {**processor.encode_prompts(prompts), "vision_hidden_states": images}
+        inputs = processor(text=prompts, vision_hidden_states=images)
     else:
         inputs = processor(images=images, text=prompts)
     inputs = {name: value.to(model.device) for name, value in inputs.items()}

@@ -1,7 +1,9 @@
 """Processor for SmolVLM-QFormer: image processor + LM tokenizer (+ the Q-Former's tokenizer for retrieval).
 
-A prompt marks the image with one `<image>` token; the processor expands it into `num_query_tokens` placeholders,
-whose embeddings the model replaces with the adapted Q-Former queries.
+A prompt marks each image with one `<image>` token. The processor tokenizes the prompt, then expands each marker's
+id into `num_query_tokens` placeholder ids, whose embeddings the model replaces with that image's adapted Q-Former
+queries. The chat template marks the assistant's words (`{% generation %}`), so that training labels come from
+`apply_chat_template(..., return_assistant_tokens_mask=True)`.
 """
 
 from __future__ import annotations
@@ -25,20 +27,26 @@ QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_CAPTION_PROMPT = "Describe the image."
 
-# ChatML (SmolLM2's format). An {"type": "image"} entry becomes the image marker; a conversation without a system
-# turn gets the default one, so the image sits between the system prompt and the user's words.
+# ChatML (SmolLM2's format); each turn ends with the tokenizer's end-of-sequence token, so generation stops at the
+# end of the turn. An {"type": "image"} part becomes the image marker; a conversation without a system turn gets the
+# default one, so the image sits between the system prompt and the user's words. The assistant's words and its end
+# of turn are the `generation` span: the tokens training puts the loss on.
 CHAT_TEMPLATE = (
+    "{% macro render(content) %}"
+    "{% if content is string %}{{ content }}"
+    "{% else %}{% for part in content %}"
+    "{% if part['type'] == 'image' %}" + IMAGE_TOKEN + "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endmacro %}"
     "{% if messages[0]['role'] != 'system' %}"
-    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
+    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "{{ eos_token }}\n"
     "{% endif %}"
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}" + IMAGE_TOKEN + "{% elif item['type'] == 'text' %}{{ item['text'] }}"
-    "{% endif %}"
-    "{% endfor %}{% endif %}"
-    "<|im_end|>\n"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ render(message['content']) }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ render(message['content']) }}{{ eos_token }}{% endif %}{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -46,8 +54,8 @@ CHAT_TEMPLATE = (
 
 class SmolVLMQFormerProcessorKwargs(ProcessingKwargs, total=False):
     _defaults = {
-        # the chat template writes the special tokens; the LM takes no token types
-        "text_kwargs": {"padding": True, "add_special_tokens": False, "return_token_type_ids": False},
+        # the chat template writes the special tokens; left padding, so that generation appends to every prompt
+        "text_kwargs": {"padding": True, "padding_side": "left", "add_special_tokens": False},
         "common_kwargs": {"return_tensors": "pt"},
     }
 
@@ -197,7 +205,6 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
     ):
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        tokenizer.padding_side = "left"  # generation appends on the right
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.num_query_tokens = num_query_tokens
@@ -256,20 +263,16 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
     @property
     def default_prompt_ids(self) -> list[int]:
         """Token ids of the captioning prompt, image placeholders expanded (the model's `default_prompt_ids`)."""
-        return self.tokenizer(self.expand_image_tokens(self.build_prompt()), add_special_tokens=False).input_ids
-
-    def expand_image_tokens(self, prompt: str) -> str:
-        return prompt.replace(IMAGE_TOKEN, self.replace_image_token())
+        return self.encode_text([self.build_prompt()], padding=False)["input_ids"][0]
 
     def replace_image_token(self, image_inputs: dict | None = None, image_idx: int = 0, **kwargs: Any) -> str:
         """What one `<image>` marker expands into: `num_query_tokens` placeholders, whatever the image's size."""
         return IMAGE_TOKEN * self.num_query_tokens
 
     def text_replacement_offsets(self, prompt: str) -> list[dict]:
-        """Where `expand_image_tokens` expands each marker of `prompt`, in the layout transformers 5's processors
-        return under `text_replacement_offsets` (serving engines such as vLLM read it to place each image's
-        embeddings): per marker its modality, its character span before and after expansion, the marker and what
-        replaced it."""
+        """Where each marker of `prompt` expands, in the layout transformers 5's processors return under
+        `text_replacement_offsets` (serving engines such as vLLM read it to place each image's embeddings): per
+        marker its modality, its character span before and after expansion, the marker and what replaced it."""
         replacement = self.replace_image_token()
         offsets, start = [], prompt.find(IMAGE_TOKEN)
         while start != -1:
@@ -295,12 +298,78 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
             num_image_tokens=[self.num_query_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
         )
 
-    def encode_prompts(self, prompts: list[str], **text_kwargs: Any) -> dict:
-        """Chat prompts with `<image>` markers -> `input_ids` / `attention_mask`, each marker expanded into its
-        placeholders; `text_kwargs` default to the processor's (padded, no special tokens added, PyTorch tensors).
-        What `__call__` does with the text, usable without images (e.g. with cached vision features)."""
-        text_kwargs = {**SmolVLMQFormerProcessorKwargs._defaults["text_kwargs"], "return_tensors": "pt", **text_kwargs}
-        return self.tokenizer([self.expand_image_tokens(prompt) for prompt in prompts], **text_kwargs)
+    def encode_text(
+        self,
+        texts: list[str],
+        padding: bool | str = True,
+        padding_side: str = "left",
+        truncation: bool | None = None,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        return_offsets_mapping: bool = False,
+        expanded_offsets: bool = False,
+        **tokenizer_kwargs: Any,
+    ) -> dict[str, list]:
+        """Prompts with `<image>` markers -> `input_ids` / `attention_mask` lists: each prompt tokenized as written,
+        then each marker's id repeated `num_query_tokens` times, then padded on `padding_side`.
+
+        `truncation` with `max_length` cuts ids from the end, never into an image's placeholders (a `ValueError`
+        says so). `offset_mapping` gives each token's character span in the prompt as given (each placeholder
+        carries its marker's span), or, with `expanded_offsets`, in the prompt with every marker expanded (the
+        layout `text_replacement_offsets` describes). Padding is zero-width at the edge it pads."""
+        tokenizer_kwargs.pop("return_tensors", None)
+        encoded = self.tokenizer(
+            texts, return_offsets_mapping=return_offsets_mapping, padding=False, truncation=False, **tokenizer_kwargs
+        )
+        grown = len(self.replace_image_token()) - len(IMAGE_TOKEN)
+        sequences, offsets = [], []
+        for index, ids in enumerate(encoded["input_ids"]):
+            spans = encoded["offset_mapping"][index] if return_offsets_mapping else [(0, 0)] * len(ids)
+            expanded_ids, expanded_spans, markers = [], [], 0
+            for token, (start, end) in zip(ids, spans, strict=True):
+                shift = markers * grown if expanded_offsets else 0
+                if token != self.image_token_id:
+                    expanded_ids.append(token)
+                    expanded_spans.append((start + shift, end + shift))
+                    continue
+                for k in range(self.num_query_tokens):
+                    expanded_ids.append(token)
+                    first = start + shift + k * len(IMAGE_TOKEN) if expanded_offsets else start
+                    expanded_spans.append((first, first + (end - start)))
+                markers += 1
+            if truncation and max_length is not None and len(expanded_ids) > max_length:
+                if self.image_token_id in expanded_ids[max_length:]:
+                    raise ValueError(
+                        f"prompt {index} is {len(expanded_ids)} tokens: cutting it to max_length={max_length} would "
+                        "cut its image placeholders; raise max_length or shorten the text"
+                    )
+                expanded_ids, expanded_spans = expanded_ids[:max_length], expanded_spans[:max_length]
+            sequences.append(expanded_ids)
+            offsets.append(expanded_spans)
+
+        length = max(map(len, sequences), default=0) if padding and padding != "do_not_pad" else 0
+        if padding == "max_length" and max_length is not None:
+            length = max_length
+        if pad_to_multiple_of and length % pad_to_multiple_of:
+            length += pad_to_multiple_of - length % pad_to_multiple_of
+        data: dict[str, list] = {"input_ids": [], "attention_mask": []}
+        if return_offsets_mapping:
+            data["offset_mapping"] = []
+        for ids, spans, text in zip(sequences, offsets, texts, strict=True):
+            missing = max(length - len(ids), 0)
+            edge = 0 if padding_side == "left" else len(text) + text.count(IMAGE_TOKEN) * grown * expanded_offsets
+            pad = ([self.tokenizer.pad_token_id] * missing, [0] * missing, [(edge, edge)] * missing)
+            if padding_side == "left":
+                data["input_ids"].append(pad[0] + ids)
+                data["attention_mask"].append(pad[1] + [1] * len(ids))
+                spans = pad[2] + spans
+            else:
+                data["input_ids"].append(ids + pad[0])
+                data["attention_mask"].append([1] * len(ids) + pad[1])
+                spans = spans + pad[2]
+            if return_offsets_mapping:
+                data["offset_mapping"].append(spans)
+        return data
 
     def __call__(
         self,
@@ -311,39 +380,44 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         **kwargs: Any,
     ) -> BatchFeature:
         """Prompts (with `<image>` markers, or plain questions that get wrapped in the chat template with one image)
-        and images -> `input_ids`, `attention_mask` (left-padded) and `pixel_values`.
+        and images -> `input_ids`, `attention_mask` (left-padded unless `padding_side="right"`) and `pixel_values`.
 
-        With images and no text, each image gets the captioning prompt.
+        With images and no text, each image gets the captioning prompt. `vision_hidden_states` (one (N, Dv) tensor
+        per marker, from a feature cache) may replace `images`: they are passed on as they are.
         """
         if audio is not None or videos is not None:
             raise ValueError(f"{type(self).__name__} takes images and text only")
-        # taken out before merging: transformers 4.x does not know the second and would drop it with a warning
+        # taken out before merging: transformers 4.x does not know the last two and would drop them with a warning
+        vision_hidden_states = kwargs.pop("vision_hidden_states", None)
         return_mm_token_type_ids = kwargs.pop("return_mm_token_type_ids", False)
         return_offsets = kwargs.pop("return_text_replacement_offsets", False)
         output_kwargs = self._merge_kwargs(
             SmolVLMQFormerProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
         images = self._as_image_list(images)
+        num_images = len(images) if vision_hidden_states is None else len(vision_hidden_states)
         if text is None:
-            if not images:
+            if not num_images:
                 raise ValueError("pass images, text or both")
-            text = [self.build_prompt()] * len(images)
+            text = [self.build_prompt()] * num_images
         texts = [text] if isinstance(text, str) else list(text)
-        if images and not any(IMAGE_TOKEN in t for t in texts):
+        if num_images and not any(IMAGE_TOKEN in t for t in texts):
             texts = [self.build_prompt(t) for t in texts]
         num_markers = sum(t.count(IMAGE_TOKEN) for t in texts)
-        if num_markers != len(images):
-            raise ValueError(f"the prompts have {num_markers} {IMAGE_TOKEN} markers for {len(images)} images")
+        if num_markers != num_images:
+            raise ValueError(f"the prompts have {num_markers} {IMAGE_TOKEN} markers for {num_images} images")
 
         text_kwargs = output_kwargs["text_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
         return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", False) or return_mm_token_type_ids
         return_offsets = text_kwargs.pop("return_text_replacement_offsets", False) or return_offsets
-        data = dict(self.encode_prompts(texts, **text_kwargs, return_tensors=None))
+        data = self.encode_text(texts, expanded_offsets=return_offsets, **text_kwargs)
         if return_mm_token_type_ids:  # 1 at the image placeholders, 0 elsewhere
             data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in ids] for ids in data["input_ids"]]
         if images:
             data["pixel_values"] = self._pixel_values(images, **output_kwargs["images_kwargs"])
+        elif vision_hidden_states is not None:
+            data["vision_hidden_states"] = torch.stack(list(vision_hidden_states))
         batch = BatchFeature(data=data, tensor_type=return_tensors)
         if return_offsets:  # nested dicts: kept out of the tensor conversion
             batch["text_replacement_offsets"] = [self.text_replacement_offsets(t) for t in texts]

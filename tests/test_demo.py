@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from smolvlm_qformer.assets import AssetPaths
 from smolvlm_qformer.cli import COMMANDS, parse_arguments
-from smolvlm_qformer.demo import DemoArguments, SharedImageFeatures, run_demo
+from smolvlm_qformer.demo import DemoArguments, run_demo
 from smolvlm_qformer.evaluation import retrieval_recall_at_k
 from smolvlm_qformer.testing_utils import save_tiny_backbones
 
@@ -100,18 +100,6 @@ def test_a_text_matches_every_image_with_its_caption():
     assert recall["image_to_text_r1"] == pytest.approx(2 / 3)  # image 1 ranks B first
     assert recall["text_to_image_r1"] == 0.5  # A: image 0 first (a hit); B: image 1 (0.8) before image 2 (0.7)
     assert recall["text_to_image_r2"] == 1.0  # one image of the right caption in the top 2 is enough
-
-
-def test_rows_read_the_features_of_their_image():
-    class Cache:
-        folder = "cache"
-
-        def get(self, indices):
-            return torch.tensor(indices, dtype=torch.float16)[:, None, None], torch.ones(len(indices), dtype=torch.bool)
-
-    rows = SharedImageFeatures(Cache(), image_index=[2, 0, 2, 1])
-    features, valid = rows.get([0, 1, 3])
-    assert len(rows) == 4 and features.flatten().tolist() == [2, 0, 1] and valid.all()
 
 
 def test_the_demo_picks_its_frozen_lm_dtype_by_the_hardware_and_eager_attention_on_cpu(demo):

@@ -121,7 +121,7 @@ def test_serving_engines_can_count_and_place_the_image_tokens(processor, images)
     offsets = batch["text_replacement_offsets"]
     assert [len(per_prompt) for per_prompt in offsets] == [2, 1]
     for prompt, per_prompt in zip(prompts, offsets, strict=True):
-        expanded = processor.expand_image_tokens(prompt)
+        expanded = prompt.replace(IMAGE_TOKEN, processor.replace_image_token())
         for entry in per_prompt:
             assert entry["type"] == "image" and entry["text"] == IMAGE_TOKEN
             assert entry["replacement"] == IMAGE_TOKEN * processor.num_query_tokens

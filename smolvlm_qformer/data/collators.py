@@ -1,42 +1,30 @@
 """Batching for both stages. Images are decoded here (or come cached from the dataset): a row whose image cannot be
-decoded is dropped from its batch and counted in `num_skipped`, which the trainers log and report."""
+decoded, or (stage 2) that is not a usable conversation, is dropped from its batch and counted in `num_skipped`,
+which the trainers log and report."""
 
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
+from .conversations import BadRow, Conversation, conversation_from_row
 from .images import decode_or_skip
 from .prompts import PromptConfig
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
-class _ImageCollator:
-    """Shared by both stages: keeps the rows whose image decodes (or whose cached features are valid)."""
+class RetrievalCollator:
+    """Stage 1: pixel values (or cached vision features) + captions tokenised for the Q-Former; a row whose image
+    cannot be decoded (or was unreadable when the cache was built) is left out and counted in `num_skipped`."""
 
     processor: SmolVLMQFormerProcessor
-
-    def _image_inputs(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The usable rows and their image inputs: cached `vision_hidden_states`, else decoded `pixel_values`."""
-        if "vision_hidden_states" in rows[0]:
-            kept = [row for row in rows if row["vision_hidden_states"] is not None]
-            features = {"vision_hidden_states": torch.stack([row["vision_hidden_states"] for row in kept])}
-            return kept, features if kept else {}
-        decoded = [(row, decode_or_skip(row["image"], f"of sample {row.get('sample_index')}")) for row in rows]
-        kept = [row for row, image in decoded if image is not None]
-        images = [image for _, image in decoded if image is not None]
-        if not kept:
-            return kept, {}
-        return kept, {"pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]}
-
-
-@dataclass
-class RetrievalCollator(_ImageCollator):
-    """Stage 1: pixel values (or cached image embeddings) + captions tokenised for the Q-Former."""
-
     max_caption_tokens: int = 32
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -54,60 +42,138 @@ class RetrievalCollator(_ImageCollator):
             batch.update(text)
         return batch
 
+    def _image_inputs(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The usable rows and their image inputs: cached `vision_hidden_states`, else decoded `pixel_values`."""
+        if "vision_hidden_states" in rows[0]:
+            kept = [row for row in rows if row["vision_hidden_states"] is not None]
+            features = {"vision_hidden_states": torch.stack([row["vision_hidden_states"][0] for row in kept])}
+            return kept, features if kept else {}
+        decoded = [(row, decode_or_skip(row["image"], f"of sample {row.get('sample_index')}")) for row in rows]
+        kept = [row for row, image in decoded if image is not None]
+        images = [image for _, image in decoded if image is not None]
+        if not kept:
+            return kept, {}
+        return kept, {"pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]}
+
 
 @dataclass
-class ChatCollator(_ImageCollator):
-    """Stage 2: [system prompt][image placeholders][user prompt][answer] as one chat, right-padded, with labels on
-    the answer and its end-of-turn token only.
+class ChatCollator:
+    """Stage 2: each row as a conversation (see `conversations`), rewritten by `prompts` (system prompt and
+    captioning instruction drawn per sample, reproducibly from `seed` and the row's `sample_index`), tokenized by
+    the processor's chat template, right-padded, with labels on the assistant's words and end-of-turn tokens only
+    (the template's `generation` spans).
 
-    The user prompt is the row's question (VQA data) or a captioning instruction; the system and captioning prompts
-    are drawn per sample from `prompts`, reproducibly (`seed`, `sample_index`).
+    Texts are cut on token ids (a user text to `max_question_tokens`, an assistant text to `max_answer_tokens`); a
+    conversation over `max_length` tokens loses whole later turns (counted in `num_dropped_turns`). A row that is
+    not a usable conversation, or one of whose images cannot be decoded, is left out and counted in `num_skipped`.
     """
 
+    processor: SmolVLMQFormerProcessor
     prompts: PromptConfig = field(default_factory=PromptConfig)
     seed: int = 0
     max_answer_tokens: int = 64
     max_question_tokens: int = 128
+    max_length: int = 2048
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        kept, batch = self._image_inputs(rows)
-        batch["num_skipped"] = torch.tensor([len(rows) - len(kept)])  # 1-d: batches may be concatenated
-        if not kept:
-            return batch
-        tokenizer = self.processor.tokenizer
-        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        sequences, labels = [], []
-        for row in kept:
-            prompt_ids, answer_ids = self.encode(row)
-            answer_ids = answer_ids[: self.max_answer_tokens] + [end_of_turn]
-            sequences.append(prompt_ids + answer_ids)
-            labels.append([-100] * len(prompt_ids) + answer_ids)
-        length = max(map(len, sequences))
-        pad = tokenizer.pad_token_id
-        batch["input_ids"] = torch.tensor([s + [pad] * (length - len(s)) for s in sequences])
-        batch["attention_mask"] = torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences])
-        batch["labels"] = torch.tensor([label + [-100] * (length - len(label)) for label in labels])
+        conversations, features, dropped = [], [], 0
+        for row in rows:
+            name = f"sample {row.get('sample_index')}"
+            if "vision_hidden_states" in row and row["vision_hidden_states"] is None:
+                logger.warning("skipping %s: an image of it was unreadable when the feature cache was built", name)
+                continue
+            try:
+                conversation, row_dropped = self.conversation(row)
+            except BadRow as error:
+                logger.warning("skipping %s: %s", name, error)
+                continue
+            if "vision_hidden_states" in row:  # the conversation's images are their cached features
+                features.extend(conversation.images)
+            else:
+                images = [decode_or_skip(image, f"of {name}") for image in conversation.images]
+                if any(image is None for image in images):
+                    continue
+                conversation = with_images(conversation, images)
+            conversations.append(conversation.messages)
+            dropped += row_dropped
+        batch: dict[str, Any] = {"num_skipped": torch.tensor([len(rows) - len(conversations)])}
+        batch["num_dropped_turns"] = torch.tensor([dropped])  # 1-d: batches may be concatenated
+        if conversations:
+            batch.update(self.encode(conversations, vision_hidden_states=features if features else None))
         return batch
 
-    def encode(self, row: dict[str, Any]) -> tuple[list[int], list[int]]:
-        """Token ids of the chat prompt (image placeholders expanded, ready for the answer) and of the answer."""
-        system_prompt, caption_prompt = self.prompts.draw(self.seed, row["sample_index"])
-        question = self.truncate_question(row.get("question")) or caption_prompt
-        answer = row.get("answer") or row["caption"]
-        prompt = self.processor.expand_image_tokens(self.processor.build_prompt(question, system_prompt))
-        tokenizer = self.processor.tokenizer
-        return (
-            tokenizer(prompt, add_special_tokens=False).input_ids,
-            tokenizer(answer.strip(), add_special_tokens=False).input_ids,
-        )
+    def conversation(self, row: dict[str, Any]) -> tuple[Conversation, int]:
+        """The row's conversation as it is trained on (rewritten, texts cut, later turns dropped to fit
+        `max_length`) and how many turns were dropped; `BadRow` if there is none."""
+        conversation = conversation_from_row(row)
+        conversation = self.prompts.rewrite(conversation, self.seed, row.get("sample_index", 0), row.get("epoch", 0))
+        conversation = self._cut_texts(conversation)
+        return self._fit(conversation)
 
-    def truncate_question(self, question: str | None) -> str | None:
-        """The question cut to its first `max_question_tokens` LM tokens (the chat prompt around it stays whole)."""
-        if not question:
-            return question
-        ids = self.processor.tokenizer(question, add_special_tokens=False).input_ids
-        return (
-            question
-            if len(ids) <= self.max_question_tokens
-            else self.processor.tokenizer.decode(ids[: self.max_question_tokens])
+    def encode(self, conversations: list[list[dict]], **processor_kwargs: Any) -> dict[str, torch.Tensor]:
+        """The processor's chat template over a batch of conversations: `input_ids`, `attention_mask`, `labels`
+        (the assistant spans), and the image inputs."""
+        processor_kwargs = {"padding_side": "right", **processor_kwargs}
+        if processor_kwargs.get("vision_hidden_states") is None:
+            processor_kwargs.pop("vision_hidden_states", None)
+        batch = self.processor.apply_chat_template(
+            conversations,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            return_assistant_tokens_mask=True,
+            **chat_template_processor_kwargs(self.processor, processor_kwargs),
         )
+        batch = dict(batch)
+        assistant = torch.as_tensor(batch.pop("assistant_masks")).bool() & batch["attention_mask"].bool()
+        batch["labels"] = batch["input_ids"].masked_fill(~assistant, -100)
+        return batch
+
+    def _cut_texts(self, conversation: Conversation) -> Conversation:
+        limits = {"user": self.max_question_tokens, "assistant": self.max_answer_tokens}
+        messages = [
+            {**m, "content": [self._cut(p, limits[m["role"]]) for p in m["content"]]} if m["role"] in limits else m
+            for m in conversation.messages
+        ]
+        return Conversation(messages, conversation.images)
+
+    def _cut(self, part: dict, max_tokens: int) -> dict:
+        """A text part cut to its first `max_tokens` LM tokens (answers lose their surrounding whitespace)."""
+        if part["type"] != "text":
+            return part
+        text = part["text"].strip()
+        ids = self.processor.tokenizer(text, add_special_tokens=False).input_ids
+        return {**part, "text": text if len(ids) <= max_tokens else self.processor.decode(ids[:max_tokens])}
+
+    def _fit(self, conversation: Conversation) -> tuple[Conversation, int]:
+        """Drops whole user/assistant exchanges from the end until the conversation fits `max_length`."""
+        messages, dropped = list(conversation.messages), 0
+        while (length := self._length(messages)) > self.max_length:
+            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=0)
+            if not any(m["role"] == "assistant" for m in messages[:last_user]):
+                raise BadRow(f"its first exchange alone is {length} tokens, over max_length={self.max_length}")
+            dropped += len(messages) - last_user
+            messages = messages[:last_user]
+        return Conversation(messages, conversation.images[: Conversation(messages, []).num_image_parts]), dropped
+
+    def _length(self, messages: list[dict]) -> int:
+        prompt = self.processor.apply_chat_template(messages, tokenize=False)
+        return len(self.processor.encode_text([prompt], padding=False)["input_ids"][0])
+
+
+def with_images(conversation: Conversation, images: list[Any]) -> Conversation:
+    """The conversation with each image part holding its (decoded) image, as `apply_chat_template` reads them."""
+    images = iter(images)
+    messages = [
+        {**m, "content": [{**p, "image": next(images)} if p["type"] == "image" else p for p in m["content"]]}
+        for m in conversation.messages
+    ]
+    return Conversation(messages, conversation.images)
+
+
+def chat_template_processor_kwargs(processor: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """How `apply_chat_template` takes arguments for the processor call: in `processor_kwargs` (transformers >= 5.4)
+    or among its own keyword arguments (4.x)."""
+    if "processor_kwargs" in inspect.signature(processor.apply_chat_template).parameters:
+        return {"processor_kwargs": kwargs}
+    return kwargs

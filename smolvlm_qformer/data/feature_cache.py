@@ -1,9 +1,14 @@
 """A cache of the frozen vision encoder's outputs, so neither stage re-runs it (nor decodes images) every epoch.
 
-Layout of a cache folder: `meta.json` (what was encoded and how) and, per shard of `shard_size` samples,
-`shard_00000.valid.npy` (which samples had a readable image) then `shard_00000.npy` (float16 features,
-(n, tokens, width)). Each file is written to a temporary name and renamed, the features last: a shard whose
-features file exists is complete, so a rebuild after a crash skips finished shards and never reads a partial one.
+Features are kept per image, not per row: rows that share an image (several questions about it) read the same
+features, and a row with several images reads one block per image. An image is known by its key (`image_key`: a
+hash of its bytes, else its path).
+
+Layout of a cache folder: `meta.json` (what was encoded and how), `keys.json` (the image keys, in storage order)
+and, per shard of `shard_size` images, `shard_00000.valid.npy` (which images were readable) then `shard_00000.npy`
+(float16 features, (n, tokens, width)). Each file is written to a temporary name and renamed, the features last:
+a shard whose features file exists is complete, so a rebuild after a crash skips finished shards and never reads a
+partial one.
 """
 
 from __future__ import annotations
@@ -22,11 +27,26 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from .conversations import row_images
 from .images import decode_or_skip
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+def image_key(value: Any) -> str:
+    """What identifies an undecoded image across rows: a hash of its bytes (a parquet or Arrow row's), else its path
+    (an image folder's), else a hash of its pixels (an in-memory image)."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+    elif isinstance(value, (str, Path)):
+        data, path = None, str(value)
+    elif isinstance(value, (bytes, bytearray)):
+        data, path = value, None
+    else:
+        data, path = np.ascontiguousarray(np.asarray(value)).tobytes(), None
+    return f"sha1:{hashlib.sha1(data).hexdigest()}" if data else f"path:{path}"
 
 
 def _shard_paths(folder: Path, shard: int) -> tuple[Path, Path]:
@@ -55,6 +75,10 @@ class FeatureCache:
         if not meta_path.exists():
             raise FileNotFoundError(f"{self.folder} is not a feature cache (no meta.json); build one first")
         self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            version = self.meta.get("format_version")
+            raise ValueError(f"{self.folder} is a feature cache of format {version}, not {FORMAT_VERSION}: rebuild it")
+        self.index = {key: i for i, key in enumerate(json.loads((self.folder / "keys.json").read_text()))}
         self.shard_size = self.meta["shard_size"]
         missing = [s for s in range(self.num_shards) if not _shard_paths(self.folder, s)[0].exists()]
         if missing:
@@ -63,10 +87,21 @@ class FeatureCache:
 
     @property
     def num_shards(self) -> int:
-        return -(-self.meta["num_samples"] // self.meta["shard_size"])
+        return -(-self.meta["num_images"] // self.meta["shard_size"])
 
     def __len__(self) -> int:
-        return self.meta["num_samples"]
+        """The number of images cached."""
+        return self.meta["num_images"]
+
+    def lookup(self, images: list[Any]) -> list[int]:
+        """The cache indices of undecoded images (`KeyError` naming the first one the cache does not hold)."""
+        indices = []
+        for image in images:
+            key = image_key(image)
+            if key not in self.index:
+                raise KeyError(f"feature cache {self.folder} holds no image {key}")
+            indices.append(self.index[key])
+        return indices
 
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         if shard not in self._shards:
@@ -75,7 +110,7 @@ class FeatureCache:
         return self._shards[shard]
 
     def get(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (len(indices), tokens, width) as stored (float16) and a bool mask of samples with an image."""
+        """Features (len(indices), tokens, width) as stored (float16) and a bool mask of the readable images."""
         features, valid = [], []
         for index in indices:
             shard_features, shard_valid = self._shard(index // self.shard_size)
@@ -94,14 +129,20 @@ def build_feature_cache(
     shard_size: int = 1024,
     device: str | torch.device = "cpu",
 ) -> FeatureCache:
-    """Runs `vision_model` once over every image of a map-style `dataset` (rows with an "image") and stores the
-    last hidden states. Unreadable images are recorded as invalid (zeros) and counted. Resumable: finished shards
-    are kept."""
+    """Runs `vision_model` once over every distinct image of a map-style `dataset` (rows with an "image" or an
+    "images" list) and stores the last hidden states. Unreadable images are recorded as invalid (zeros) and
+    counted. Resumable: finished shards are kept."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    sources: dict[str, tuple[int, int]] = {}  # image key -> (row, position in the row) where it first appears
+    for row_index in range(len(dataset)):
+        for position, image in enumerate(row_images(dataset[row_index])):
+            sources.setdefault(image_key(image), (row_index, position))
+    keys = list(sources)
     meta = {
         "format_version": FORMAT_VERSION,
-        "num_samples": len(dataset),
+        "num_images": len(keys),
+        "keys_sha1": hashlib.sha1("\n".join(keys).encode()).hexdigest(),
         "shard_size": shard_size,
         "dtype": "float16",
         "vision_config_hash": _config_hash(vision_model),
@@ -113,33 +154,35 @@ def build_feature_cache(
         if existing != meta:
             raise ValueError(f"{folder} holds a feature cache of other data or another encoder: {existing} != {meta}")
     else:
-        tmp = meta_path.with_name("meta.json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)
+        for name, content in (("keys.json", keys), ("meta.json", meta)):  # meta last: it marks the keys complete
+            tmp = folder / f"{name}.tmp"
+            tmp.write_text(json.dumps(content, indent=2))
+            os.replace(tmp, folder / name)
 
     vision_model = vision_model.to(device).eval()
     shape = _feature_shape(vision_model, image_processor, device)
-    num_shards = -(-len(dataset) // shard_size)
+    num_shards = -(-len(keys) // shard_size)
     done = [s for s in range(num_shards) if _shard_paths(folder, s)[0].exists()]
     skipped = 0
     # images/s and an ETA on stderr: at 224 px on a 2-core CPU a ViT-B shard of 1,024 images takes minutes
     progress = tqdm(
-        total=len(dataset),
-        initial=sum(min(shard_size, len(dataset) - s * shard_size) for s in done),
+        total=len(keys),
+        initial=sum(min(shard_size, len(keys) - s * shard_size) for s in done),
         unit="img",
         desc=f"feature cache {folder.name}",
         file=sys.stderr,
     )
     for shard in sorted(set(range(num_shards)) - set(done)):
         features_path, valid_path = _shard_paths(folder, shard)
-        indices = range(shard * shard_size, min((shard + 1) * shard_size, len(dataset)))
+        shard_keys = keys[shard * shard_size : (shard + 1) * shard_size]
         features, valid = [], []
-        for start in range(0, len(indices), batch_size):
-            rows = [dataset[i] for i in indices[start : start + batch_size]]
-            batch_features, batch_valid = _encode_batch(vision_model, image_processor, rows, shape, device)
+        for start in range(0, len(shard_keys), batch_size):
+            located = [sources[key] for key in shard_keys[start : start + batch_size]]
+            images = [(row_images(dataset[row])[position], f"{position} of sample {row}") for row, position in located]
+            batch_features, batch_valid = _encode_batch(vision_model, image_processor, images, shape, device)
             features.append(batch_features)
             valid.extend(batch_valid)
-            progress.update(len(rows))
+            progress.update(len(images))
         skipped += len(valid) - sum(valid)
         _save_atomically(valid_path, np.array(valid, dtype=bool))
         _save_atomically(features_path, torch.cat(features).numpy())
@@ -159,15 +202,16 @@ def _feature_shape(vision_model: nn.Module, image_processor: Any, device: str | 
 def _encode_batch(
     vision_model: nn.Module,
     image_processor: Any,
-    rows: list[dict[str, Any]],
+    images: list[tuple[Any, str]],
     shape: tuple[int, int],
     device: str | torch.device,
 ) -> tuple[torch.Tensor, list[bool]]:
-    """float16 features (len(rows), *shape), zeros where the image is unreadable, and which rows were readable."""
-    decoded = [decode_or_skip(row["image"], f"of sample {row.get('sample_index')}") for row in rows]
-    images = [image for image in decoded if image is not None]
+    """float16 features (len(images), *shape) of (undecoded image, name) pairs, zeros where an image is
+    unreadable, and which were readable."""
+    decoded = [decode_or_skip(image, name) for image, name in images]
     valid = [image is not None for image in decoded]
-    features = torch.zeros(len(rows), *shape, dtype=torch.float16)
+    images = [image for image in decoded if image is not None]
+    features = torch.zeros(len(valid), *shape, dtype=torch.float16)
     if images:
         pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
         encoded = vision_model(pixel_values=pixel_values.to(device, vision_model.dtype)).last_hidden_state

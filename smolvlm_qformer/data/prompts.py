@@ -1,4 +1,5 @@
-"""The prompt lists stage 2 draws from: one place, overridable from a JSON file."""
+"""The conversation rewrites of stage 2, in one place: the system prompt and captioning instruction drawn per sample
+(the lists overridable from a JSON file), and optionally the order of independent turns, shuffled per epoch."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .conversations import Conversation
 
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
@@ -25,10 +28,14 @@ CAPTION_PROMPTS = [
 
 @dataclass
 class PromptConfig:
-    """System prompts and captioning instructions; one of each is drawn per sample, reproducibly."""
+    """System prompts and captioning instructions; one of each is drawn per sample, reproducibly.
+
+    `shuffle_turns`: a conversation whose images all come in its first user turn (e.g. several questions about one
+    image) has its user/assistant pairs in a new order each epoch, the images staying at the start."""
 
     system_prompts: list[str] = field(default_factory=lambda: list(SYSTEM_PROMPTS))
     caption_prompts: list[str] = field(default_factory=lambda: list(CAPTION_PROMPTS))
+    shuffle_turns: bool = False
 
     @classmethod
     def from_json(cls, path: str | Path) -> PromptConfig:
@@ -40,3 +47,36 @@ class PromptConfig:
         run sees exactly what an uninterrupted one would."""
         rng = random.Random(f"{seed}:{sample_index}")
         return rng.choice(self.system_prompts), rng.choice(self.caption_prompts)
+
+    def rewrite(self, conversation: Conversation, seed: int, sample_index: int, epoch: int = 0) -> Conversation:
+        """The conversation as stage 2 trains on it: the drawn system prompt unless it has one, the drawn captioning
+        instruction in each user turn that holds images and no words, and (`shuffle_turns`) its turns reordered."""
+        system_prompt, caption_prompt = self.draw(seed, sample_index)
+        messages = [_with_instruction(message, caption_prompt) for message in conversation.messages]
+        if messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        if self.shuffle_turns:
+            messages = messages[:1] + _shuffled(messages[1:], random.Random(f"{seed}:{epoch}:{sample_index}"))
+        return Conversation(messages, conversation.images)
+
+
+def _with_instruction(message: dict, instruction: str) -> dict:
+    parts = message["content"]
+    if message["role"] != "user" or any(p["type"] == "text" and p["text"].strip() for p in parts) or not parts:
+        return message
+    return {**message, "content": [*parts, {"type": "text", "text": instruction}]}
+
+
+def _shuffled(turns: list[dict], rng: random.Random) -> list[dict]:
+    """User/assistant pairs in a random order, the first user turn's images moved to the new first one; other
+    conversations (images in later turns, turns not in pairs) as they are."""
+    pairs = [turns[i : i + 2] for i in range(0, len(turns), 2)]
+    roles_paired = all([t["role"] for t in pair] == ["user", "assistant"] for pair in pairs)
+    later_images = any(p["type"] == "image" for pair in pairs[1:] for t in pair for p in t["content"])
+    if not roles_paired or later_images or len(pairs) < 2:
+        return turns
+    images = [p for p in pairs[0][0]["content"] if p["type"] == "image"]
+    pairs[0] = [{**pairs[0][0], "content": [p for p in pairs[0][0]["content"] if p["type"] != "image"]}, pairs[0][1]]
+    rng.shuffle(pairs)
+    pairs[0] = [{**pairs[0][0], "content": images + pairs[0][0]["content"]}, pairs[0][1]]
+    return [turn for pair in pairs for turn in pair]

@@ -1,8 +1,9 @@
 """Image-text sources: anything `datasets.load_dataset` reads, with the columns renamed to one schema.
 
-Rows come out as `{"image": <undecoded image>, "caption": str}` (plus `"question"` / `"answer"` for VQA data) and a
-`"sample_index"`. Images stay undecoded here: the collators decode them, so one bad file is a counted skip in
-its batch rather than a crash when the dataset is built or iterated.
+Rows come out as `{"image": <undecoded image>, "caption": str}` (plus `"question"` / `"answer"` for VQA data), or as
+conversations: `{"messages": [...], "image" or "images": ...}` (TRL's messages or LLaVA's conversations, see
+`conversations`), and a `"sample_index"`. Images stay undecoded here: the collators decode them, so one bad file
+is a counted skip in its batch rather than a crash when the dataset is built or iterated.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import torch
 
+from .conversations import row_images
 from .easy_vqa import easy_vqa_dataset
 from .feature_cache import FeatureCache
 
@@ -40,6 +43,10 @@ class DataArguments:
     eval_fraction: float = 0.02
     streaming: bool = False
     image_column: str = "image"
+    """The image column; a dataset without it whose "images" column holds a list per row uses that."""
+    conversation_column: str | None = None
+    """A column of conversations (TRL messages: role / content; or LLaVA: from / value). Default: "messages" or
+    "conversations" when the dataset has one; the caption / question / answer columns are then not read."""
     caption_column: str | None = "caption"
     question_column: str | None = None
     answer_column: str | None = None
@@ -53,35 +60,49 @@ class DataArguments:
     max_question_tokens: int = 128
     """LM question length (stage 2); longer questions are truncated, so no prompt outgrows the LM's context."""
     prompts_file: str | None = None
+    shuffle_turns: bool = False
+    """Stage 2: the user/assistant pairs of a conversation about one image in a new order each epoch."""
     """JSON with "system_prompts" / "caption_prompts" lists for stage 2."""
     feature_cache: str | None = None
     """A folder written by `smolvlm-qformer cache-features`: train on cached vision features instead of images."""
 
 
 class IndexedDataset:
-    """A map-style dataset whose rows also carry their position (the key of the feature cache and of the per-sample
-    prompt draw) and, given a feature cache, the sample's cached vision features in place of its image."""
+    """A map-style dataset whose rows also carry their position (`sample_index`, the key of the per-sample prompt
+    draw) and the epoch (`set_epoch`, which the Trainer's data loader calls); given a feature cache, each row carries
+    its images' cached vision features (`vision_hidden_states`, one tensor per image, None if one was unreadable)
+    in place of the images."""
 
     def __init__(self, dataset: datasets.Dataset, feature_cache: FeatureCache | None = None, empty_text_rows: int = 0):
+        self.image_indices: list[list[int]] = []
         if feature_cache is not None:
-            if len(feature_cache) != len(dataset):
-                raise ValueError(
-                    f"feature cache {feature_cache.folder} holds {len(feature_cache)} samples but the dataset has "
-                    f"{len(dataset)}: it was built for other data (rebuild it with the same data arguments)"
-                )
-            dataset = dataset.remove_columns("image")  # not read at all: the cache replaces it
+            image_columns = [c for c in ("image", "images") if c in dataset.column_names]
+            for index, row in enumerate(dataset.select_columns(image_columns)):
+                try:
+                    self.image_indices.append(feature_cache.lookup(row_images(row)))
+                except KeyError as error:
+                    raise ValueError(
+                        f"sample {index}: {error.args[0]}: the cache was built for other data (rebuild it with the "
+                        "same data arguments)"
+                    ) from None
+            dataset = dataset.remove_columns(image_columns)  # not read at all: the cache replaces them
         self.dataset = dataset
         self.feature_cache = feature_cache
         self.empty_text_rows = empty_text_rows  # rows dropped at load for an empty caption / answer
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = {**self.dataset[index], "sample_index": index}
+        row = {**self.dataset[index], "sample_index": index, "epoch": self.epoch}
         if self.feature_cache is not None:
-            features, valid = self.feature_cache.get([index])
-            row["vision_hidden_states"] = features[0] if valid[0] else None  # None: the image was unreadable
+            indices = self.image_indices[index]
+            features, valid = self.feature_cache.get(indices) if indices else ([], torch.ones(0, dtype=torch.bool))
+            row["vision_hidden_states"] = list(features) if valid.all() else None  # None: an image was unreadable
         return row
 
 
@@ -139,24 +160,36 @@ def _first(dataset: datasets.Dataset, n: int) -> datasets.Dataset:
 
 
 def _canonical_columns(dataset: datasets.Dataset | datasets.IterableDataset, args: DataArguments):
-    wanted = {
-        args.image_column: "image",
-        args.caption_column: "caption",
-        args.question_column: "question",
-        args.answer_column: "answer",
-    }
-    wanted = {source: target for source, target in wanted.items() if source is not None}
     columns = dataset.column_names or list(dataset.features or {})
+    image = args.image_column if args.image_column in columns or "images" not in columns else "images"
+    conversation = args.conversation_column or next((c for c in ("messages", "conversations") if c in columns), None)
+    if conversation is not None:
+        wanted = {conversation: "messages", image: "images" if image == "images" else "image"}
+        wanted = {source: target for source, target in wanted.items() if source in columns or source == conversation}
+    else:
+        wanted = {
+            image: "image",
+            args.caption_column: "caption",
+            args.question_column: "question",
+            args.answer_column: "answer",
+        }
+        wanted = {source: target for source, target in wanted.items() if source is not None}
+        if "caption" not in wanted.values() and "answer" not in wanted.values():
+            raise ValueError("give a caption column, or question and answer columns, or a conversation column")
     missing = [source for source in wanted if source not in columns]
     if missing:
         raise ValueError(
-            f"{args.dataset}: column(s) {missing} not found; the dataset has {columns}. "
-            "Set --image_column / --caption_column / --question_column / --answer_column."
+            f"{args.dataset}: column(s) {missing} not found; the dataset has {columns}. Set --image_column / "
+            "--caption_column / --question_column / --answer_column, or --conversation_column."
         )
-    if "caption" not in wanted.values() and "answer" not in wanted.values():
-        raise ValueError("give a caption column, or question and answer columns")
     dataset = dataset.select_columns(list(wanted))
     dataset = dataset.rename_columns({s: t for s, t in wanted.items() if s != t})
-    if isinstance(dataset.features.get("image") if dataset.features else None, datasets.Image):
-        dataset = dataset.cast_column("image", datasets.Image(decode=False))  # decoded (or skipped) by the collator
+    for name in ("image", "images"):  # decoded (or skipped) by the collator
+        feature = (dataset.features or {}).get(name)
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of images per row
+            dataset = dataset.cast_column(name, type(feature)(datasets.Image(decode=False)))
+        elif isinstance(feature, list) and feature and isinstance(feature[0], datasets.Image):
+            dataset = dataset.cast_column(name, [datasets.Image(decode=False)])
     return dataset

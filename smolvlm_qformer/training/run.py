@@ -135,6 +135,7 @@ def _train(trainer, training_args: SmolVLMTrainingArguments) -> dict[str, float]
     metrics = {
         **result.metrics,
         "train_skipped_samples": trainer.skipped_samples,
+        "train_dropped_turns": trainer.dropped_turns,
         "train_empty_text_rows": getattr(trainer.train_dataset, "empty_text_rows", 0),
     }
     if trainer.eval_dataset is not None:
@@ -142,7 +143,12 @@ def _train(trainer, training_args: SmolVLMTrainingArguments) -> dict[str, float]
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("all", metrics)
     if metrics["train_skipped_samples"]:
-        logger.warning("%d training samples were skipped (unreadable images)", metrics["train_skipped_samples"])
+        logger.warning(
+            "%d training samples were skipped (unreadable images or unusable conversations; the log says which)",
+            metrics["train_skipped_samples"],
+        )
+    if metrics["train_dropped_turns"]:
+        logger.warning("%d turns were dropped to fit the LM's context", metrics["train_dropped_turns"])
     return metrics
 
 
@@ -187,12 +193,14 @@ def fit_stage2(
     `output_dir/adapter`; returns the metrics and trainer."""
     _log_trainable(model)
     prompts = PromptConfig.from_json(data_args.prompts_file) if data_args.prompts_file else PromptConfig()
+    prompts.shuffle_turns = data_args.shuffle_turns
     collator = ChatCollator(
         processor,
         prompts=prompts,
         seed=training_args.seed,
         max_answer_tokens=data_args.max_answer_tokens,
         max_question_tokens=data_args.max_question_tokens,
+        max_length=model.config.text_config.max_position_embeddings,
     )
     trainer = VLMTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator

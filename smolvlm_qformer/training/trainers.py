@@ -1,6 +1,7 @@
 """The two stages as stock `transformers.Trainer` subclasses: they override only what differs.
 
-Both count the samples the collators skipped (unreadable images), optimise with per-group learning rates, evaluate
+Both count the samples the collators skipped (unreadable images, unusable conversations) and the conversation turns
+they dropped to fit the context, optimise with per-group learning rates, evaluate
 through Trainer's own loop and write checkpoints atomically.
 """
 
@@ -26,13 +27,16 @@ class _SmolVLMTrainer(AtomicCheckpointTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.skipped_samples = 0
+        self.dropped_turns = 0
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_steps = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = int(inputs.pop("num_skipped", torch.zeros(1)).sum())
+        dropped = int(inputs.pop("num_dropped_turns", torch.zeros(1)).sum())
         if model.training:
             self.skipped_samples += skipped
+            self.dropped_turns += dropped
         if "input_ids" not in inputs and self.args.world_size > 1:
             # the other ranks would wait forever in the ITC gather and DDP's gradient all-reduce: fail instead
             raise RuntimeError(
@@ -49,13 +53,15 @@ class _SmolVLMTrainer(AtomicCheckpointTrainer):
         self._metric_steps += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Adds the training metrics averaged since the last log, and the running count of skipped samples."""
+        """Adds the training metrics averaged since the last log, and the running counts of skipped samples and
+        dropped turns."""
         if "loss" in logs:
             for name, total in self._metric_sums.items():
                 logs[name] = round(total / max(self._metric_steps, 1), 4)
             self._metric_sums.clear()
             self._metric_steps = 0
             logs["skipped_samples"] = self.skipped_samples
+            logs["dropped_turns"] = self.dropped_turns
         super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None):
