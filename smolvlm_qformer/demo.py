@@ -72,6 +72,9 @@ class DemoArguments:
     """Use the first N of the 4,000 training images (default: all)."""
     train_questions: int | None = 9000
     """Stage 2: questions drawn at random from those images' 38,575 (None: all)."""
+    questions_per_image: int | None = 3
+    """Stage 2 draws its questions as this many about each of `train_questions / questions_per_image` images drawn
+    at random (None: questions drawn independently, about 2.3 per image): conversations of equal length pad little."""
     train_captions: int | None = 600
     """Stage 2: caption rows drawn at random alongside the questions (None: every captioned image)."""
     test_questions: int | None = 1000
@@ -131,6 +134,20 @@ def _sample(rows: datasets.Dataset, count: int | None, seed: int) -> datasets.Da
     if count is None or count >= len(rows):
         return rows
     return rows.select(sorted(random.Random(seed).sample(range(len(rows)), count)))
+
+
+def _sample_questions(rows: datasets.Dataset, count: int | None, per_image: int | None, seed: int) -> datasets.Dataset:
+    """`count` question rows: drawn independently (`per_image` None), or `per_image` of them about each of
+    `count / per_image` images drawn at random; in their original order."""
+    if per_image is None or count is None:
+        return _sample(rows, count, seed)
+    by_image: dict[str, list[int]] = {}
+    for index, path in enumerate(rows["image"]):
+        by_image.setdefault(path, []).append(index)
+    rng = random.Random(seed)
+    images = rng.sample(sorted(by_image), min(len(by_image), -(-count // per_image)))
+    chosen = [i for path in images for i in rng.sample(by_image[path], min(per_image, len(by_image[path])))]
+    return rows.select(sorted(chosen[:count]))
 
 
 def _first(rows: datasets.Dataset, count: int | None) -> datasets.Dataset:
@@ -281,11 +298,13 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
 
     # Stage 2 (`train-vlm`'s build + fit): Q-Former + adapter + LoRA learn to answer questions and to caption.
     question_columns = {"caption_column": None, "question_column": "question", "answer_column": "answer"}
-    questions, captions = _questions_and_captions(_rows("train", "vqa", image_paths["train"], **question_columns))
-    stage2_rows = datasets.concatenate_datasets(
-        [_sample(questions, args.train_questions, args.seed), _sample(captions, args.train_captions, args.seed)]
-    )
-    num_train_questions = min(len(questions), args.train_questions or len(questions))
+    all_questions, captions = _questions_and_captions(_rows("train", "vqa", image_paths["train"], **question_columns))
+    questions = _sample_questions(all_questions, args.train_questions, args.questions_per_image, args.seed)
+    if args.questions_per_image:  # the caption turns go into those images' conversations
+        asked = set(questions["image"])
+        captions = captions.filter(lambda path: path in asked, input_columns="image")
+    stage2_rows = datasets.concatenate_datasets([questions, _sample(captions, args.train_captions, args.seed)])
+    num_train_questions = len(questions)
     logger.info(
         "demo: stage 2 on %d questions + %d captions", num_train_questions, len(stage2_rows) - num_train_questions
     )
@@ -321,7 +340,7 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
         answers = list(generate_texts(model, processor, question_features, test_questions["question"], **generation))
     with _timed(seconds, "caption_eval"):
         generated_captions = list(generate_texts(model, processor, caption_features, **generation))
-    majority = Counter(questions["answer"]).most_common(1)[0][0]
+    majority = Counter(all_questions["answer"]).most_common(1)[0][0]
     metrics = {
         "vqa_accuracy": _accuracy(answers, test_questions["answer"]),
         "majority_baseline": _accuracy([majority] * len(test_questions), test_questions["answer"]),

@@ -324,3 +324,36 @@ def test_processor_padding_side_is_an_argument_and_truncation_spares_the_placeho
     with pytest.raises(ValueError, match="image placeholders"):
         processor(images=[BLUE], text=texts[1:], truncation=True, max_length=processor.num_query_tokens)
     assert np.array_equal(processor.default_prompt_ids, processor(images=[RED])["input_ids"][0].tolist())
+
+
+def test_messages_and_llava_files_load_through_load_dataset_and_train(processor, tmp_path):
+    """A parquet file of TRL messages with a list of embedded images, and a LLaVA JSON file with image paths, as
+    `--dataset parquet` / `--dataset json` read them: rows stay undecoded until the collator, and both train."""
+    import datasets
+
+    from smolvlm_qformer.data import DataArguments, load_image_text_dataset
+
+    messages = [{"role": "user", "content": "What colour is it?"}, {"role": "assistant", "content": "red"}]
+    features = datasets.Features(
+        {
+            "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+            "images": datasets.Sequence(datasets.Image()),
+        }
+    )
+    trl_rows = datasets.Dataset.from_dict({"messages": [messages] * 4, "images": [[RED]] * 4}, features=features)
+    trl_rows.to_parquet(tmp_path / "trl.parquet")
+    RED.save(tmp_path / "red.png")
+    llava = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"}]
+    llava_rows = datasets.Dataset.from_dict({"image": [str(tmp_path / "red.png")] * 4, "conversations": [llava] * 4})
+    llava_rows.to_json(tmp_path / "llava.jsonl")
+
+    collator = ChatCollator(processor, prompts=PromptConfig(system_prompts=["Be brief."]))
+    batches = []
+    for name, files in (("parquet", "trl.parquet"), ("json", "llava.jsonl")):
+        rows = load_image_text_dataset(DataArguments(dataset=name, data_files=str(tmp_path / files)), "train")
+        assert len(rows) == 4 and not isinstance(rows[0].get("images", rows[0].get("image")), Image.Image)
+        batches.append(collator([rows[i] for i in range(4)]))
+    assert batches[0]["num_skipped"].item() == batches[1]["num_skipped"].item() == 0
+    assert torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])
+    assert torch.equal(batches[0]["labels"], batches[1]["labels"])
+    torch.testing.assert_close(batches[0]["pixel_values"], batches[1]["pixel_values"])

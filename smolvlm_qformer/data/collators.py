@@ -74,6 +74,8 @@ class ChatCollator:
     max_answer_tokens: int = 64
     max_question_tokens: int = 128
     max_length: int = 2048
+    pad_to_multiple_of: int | None = 8
+    """Batches come in few distinct lengths: on a CPU, every new shape costs allocator time and memory."""
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         conversations, features, dropped = [], [], 0
@@ -113,7 +115,7 @@ class ChatCollator:
     def encode(self, conversations: list[list[dict]], **processor_kwargs: Any) -> dict[str, torch.Tensor]:
         """The processor's chat template over a batch of conversations: `input_ids`, `attention_mask`, `labels`
         (the assistant spans), and the image inputs."""
-        processor_kwargs = {"padding_side": "right", **processor_kwargs}
+        processor_kwargs = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of, **processor_kwargs}
         if processor_kwargs.get("vision_hidden_states") is None:
             processor_kwargs.pop("vision_hidden_states", None)
         batch = self.processor.apply_chat_template(
@@ -138,12 +140,9 @@ class ChatCollator:
         return Conversation(messages, conversation.images)
 
     def _cut(self, part: dict, max_tokens: int) -> dict:
-        """A text part cut to its first `max_tokens` LM tokens (answers lose their surrounding whitespace)."""
         if part["type"] != "text":
             return part
-        text = part["text"].strip()
-        ids = self.processor.tokenizer(text, add_special_tokens=False).input_ids
-        return {**part, "text": text if len(ids) <= max_tokens else self.processor.decode(ids[:max_tokens])}
+        return {**part, "text": cut_to_tokens(self.processor.tokenizer, part["text"], max_tokens)}
 
     def _fit(self, conversation: Conversation) -> tuple[Conversation, int]:
         """Drops whole user/assistant exchanges from the end until the conversation fits `max_length`."""
@@ -159,6 +158,13 @@ class ChatCollator:
     def _length(self, messages: list[dict]) -> int:
         prompt = self.processor.apply_chat_template(messages, tokenize=False)
         return len(self.processor.encode_text([prompt], padding=False)["input_ids"][0])
+
+
+def cut_to_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
+    """`text` stripped, and cut to its first `max_tokens` tokens if longer (the one place texts are truncated)."""
+    text = text.strip()
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
 def with_images(conversation: Conversation, images: list[Any]) -> Conversation:

@@ -28,25 +28,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .conversations import row_images
-from .images import decode_or_skip
+from .images import decode_or_skip, image_key
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-
-
-def image_key(value: Any) -> str:
-    """What identifies an undecoded image across rows: a hash of its bytes (a parquet or Arrow row's), else its path
-    (an image folder's), else a hash of its pixels (an in-memory image)."""
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-    elif isinstance(value, (str, Path)):
-        data, path = None, str(value)
-    elif isinstance(value, (bytes, bytearray)):
-        data, path = value, None
-    else:
-        data, path = np.ascontiguousarray(np.asarray(value)).tobytes(), None
-    return f"sha1:{hashlib.sha1(data).hexdigest()}" if data else f"path:{path}"
 
 
 def _shard_paths(folder: Path, shard: int) -> tuple[Path, Path]:

@@ -9,7 +9,6 @@ captions, a caption matching every image it is given for. Unreadable images are 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -20,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data import (
-    ChatCollator,
     DataArguments,
     IndexedDataset,
     decode_or_skip,
+    image_key,
     load_image_text_dataset,
     split_train_eval,
 )
+from ..data.collators import cut_to_tokens
 from ..inference import generate_texts, load_for_inference
 from .metrics import load_metric
 from .retrieval import retrieval_recall_at_k, retrieval_scores
@@ -81,26 +80,12 @@ class EvaluationRows:
     num_rows: int = 0
 
 
-def image_key(value: Any, row_index: int) -> str:
-    """What identifies an image across rows: its bytes' hash where the row carries them, else its path (an image
-    with neither counts as its row's own)."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return "sha1:" + hashlib.sha1(value).hexdigest()
-    if isinstance(value, (str, Path)):
-        return str(value)
-    if isinstance(value, Image.Image):
-        return "sha1:" + hashlib.sha1(value.tobytes() + f"{value.mode}{value.size}".encode()).hexdigest()
-    return f"row:{row_index}"
-
-
 def group_rows(rows: Iterable[dict[str, Any]]) -> EvaluationRows:
     """Groups canonical rows (image, caption / question / answer) by image and question."""
     grouped = EvaluationRows()
-    for index, row in enumerate(rows):
+    for row in rows:
         grouped.num_rows += 1
-        key = image_key(row["image"], index)
+        key = image_key(row["image"])
         grouped.images.setdefault(key, row["image"])
         question, target = row.get("question"), row.get("answer") or row.get("caption")
         if question:
@@ -175,8 +160,10 @@ def evaluate_generation(
     """Stage 2: a caption per image and an answer per distinct question generated and scored, with the counts of
     what was scored."""
     model, processor = load_for_inference(folder, args.device)
-    truncate = ChatCollator(processor, max_question_tokens=data_args.max_question_tokens).truncate_question
-    items = [(key, None) for key in grouped.captions] + [(key, truncate(q)) for key, q in grouped.answers]
+    items = [(key, None) for key in grouped.captions] + [
+        (key, cut_to_tokens(processor.tokenizer, q, data_args.max_question_tokens) if q else q)
+        for key, q in grouped.answers
+    ]
     keys = [key for key, _ in items]
     texts = generate_texts(
         model,
