@@ -72,9 +72,10 @@ class DemoArguments:
     """Use the first N of the 4,000 training images (default: all)."""
     train_questions: int | None = 9000
     """Stage 2: questions drawn at random from those images' 38,575 (None: all)."""
-    questions_per_image: int | None = 3
+    questions_per_image: int | None = None
     """Stage 2 draws its questions as this many about each of `train_questions / questions_per_image` images drawn
-    at random (None: questions drawn independently, about 2.3 per image): conversations of equal length pad little."""
+    at random (None: questions drawn independently, about 2.3 per image). With `conversations`, 3 gives
+    conversations of equal length, which pad little."""
     train_captions: int | None = 600
     """Stage 2: caption rows drawn at random alongside the questions (None: every captioned image)."""
     test_questions: int | None = 1000
@@ -89,10 +90,12 @@ class DemoArguments:
     stage1_batch_size: int = 32
     stage2_batch_size: int = 16
     """Stage 2 takes more, smaller steps: at 32 its loss stalls where answering yes/no needs no image."""
-    conversations: bool = True
+    conversations: bool = False
     """Stage 2 trains one conversation per image (its caption and questions as turns, in a new order each epoch), so
-    the image embeddings and the system prompt are computed once per image, not once per question; False: one row
-    per question or caption."""
+    the image embeddings and the system prompt are computed once per image, not once per question. Off by default:
+    easy-VQA's questions about one image answer each other (a caption turn or "what colour?" answers "is there a red
+    shape?"), so later turns are learned from the text before them rather than from the image, and single-question
+    test accuracy drops (README, "Quick start")."""
     stage1_learning_rate: float = 2e-4
     stage2_learning_rate: float = 2e-4
     num_query_tokens: int = 8

@@ -65,14 +65,14 @@ def kill_while_writing_shard(shard: int) -> None:
 
 
 def record_batches(path: str) -> None:
-    image_inputs = collators._ImageCollator._image_inputs
+    for collator in (collators.RetrievalCollator, collators.ChatCollator):
 
-    def recording(self, rows):
-        with open(path, "a") as f:
-            f.write(json.dumps([row["sample_index"] for row in rows]) + "\n")
-        return image_inputs(self, rows)
+        def recording(self, rows, collate=collator.__call__):
+            with open(path, "a") as f:
+                f.write(json.dumps([row["sample_index"] for row in rows]) + "\n")
+            return collate(self, rows)
 
-    collators._ImageCollator._image_inputs = recording
+        collator.__call__ = recording
 
 
 if __name__ == "__main__":

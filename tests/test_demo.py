@@ -113,3 +113,32 @@ def test_demo_command_and_flags():
     assert "demo" in COMMANDS
     (args,) = parse_arguments((DemoArguments,), ["--output-dir", "out", "--test-questions", "5", "--device", "cpu"])
     assert (args.output_dir, args.test_questions, args.device) == ("out", 5, "cpu")
+
+
+def test_conversation_mode_groups_each_images_caption_and_questions():
+    import datasets
+
+    from smolvlm_qformer.demo import _conversations, _sample_questions
+
+    rows = datasets.Dataset.from_dict(
+        {
+            "image": ["a.png", "b.png", "a.png", "a.png"],
+            "question": ["Colour?", "Shape?", None, "Is it red?"],
+            "answer": ["red", "circle", "a red square", "yes"],
+        }
+    )
+    grouped = _conversations(rows)
+    assert grouped["image"] == ["a.png", "b.png"]
+    first = grouped[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant"] * 3
+    assert [p["type"] for p in first[0]["content"]] == ["image"]  # the caption turn: its instruction is drawn later
+    assert first[1]["content"][0]["text"] == "a red square"
+    assert [m["content"][-1]["text"] for m in first[2::2]] == ["Colour?", "Is it red?"]
+    assert sum(p["type"] == "image" for m in first for p in m["content"]) == 1
+
+    many = datasets.Dataset.from_dict(
+        {"image": [f"{i % 5}.png" for i in range(50)], "question": [f"q{i}" for i in range(50)], "answer": ["x"] * 50}
+    )
+    sampled = _sample_questions(many, 9, per_image=3, seed=0)
+    per_image = {path: sampled["image"].count(path) for path in set(sampled["image"])}
+    assert len(sampled) == 9 and sorted(per_image.values()) == [3, 3, 3]
