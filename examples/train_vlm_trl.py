@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 from trl import SFTConfig, SFTTrainer
 
 from smolvlm_qformer import LORA_ALL_LINEAR_MODULES, SmolVLMQFormerForConditionalGeneration
+from smolvlm_qformer.hardware import bf16_is_fast
 
 
 @dataclass
@@ -54,7 +56,10 @@ def load_data(script: ScriptArguments) -> datasets.Dataset:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    script, config = HfArgumentParser((ScriptArguments, SFTConfig)).parse_args_into_dataclasses(argv)
+    parser = HfArgumentParser((ScriptArguments, SFTConfig))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.set_defaults(use_cpu=device == "cpu", bf16=bf16_is_fast(device))  # bf16 only where it is native
+    script, config = parser.parse_args_into_dataclasses(argv)
     config.assistant_only_loss = True  # else TRL trains on every token, image placeholders and user turns included
     model, processor = load_model(script)
     lora = LoraConfig(

@@ -43,7 +43,7 @@ def image_key(value: Any) -> str:
     else:
         array = np.ascontiguousarray(np.asarray(value))
         data, path = array.tobytes() + repr((array.shape, str(array.dtype))).encode(), None
-    return f"sha1:{hashlib.sha1(data).hexdigest()}" if data else f"path:{path}"
+    return f"sha1:{hashlib.sha1(data).hexdigest()}" if data else path
 
 
 __all__ = ["decode_image", "decode_or_skip", "image_key"]
