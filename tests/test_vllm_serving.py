@@ -50,3 +50,7 @@ def test_openai_server_answers_chat_completions_with_the_same_greedy_tokens(tmp_
     assert bad["not_an_image"]["status"] == 400 and "image" in bad["not_an_image"]["message"]
     assert "after_bad_images:question_image0" in report["cases"]
     assert report["stopped_on_sigterm"], report["seconds"]
+    # examples/openai_client.py (the openai client, a base64 data URL) answers with generate's text
+    example = report["example_client"]
+    assert example["returncode"] == 0, example["stderr"]
+    assert example["answer"] == example["expected"] and example["answer"]

@@ -38,6 +38,7 @@ NEW_TOKENS = 24
 HEAD_DIM = 32
 QUESTION = "What colour is the shape?"
 CAPTION_INSTRUCTION = "Describe the image."  # what `build_prompt(None)` asks; the compared prompt ids check it
+EXAMPLE_CLIENT = Path(__file__).resolve().parents[1] / "examples" / "openai_client.py"
 SERVER_START_TIMEOUT = 600  # seconds; the tiny folder's server is up in about 40 s on an idle 2-core machine
 CASES = [  # name, question (None: the captioning prompt), image seed (None: text only)
     ("caption_image0", None, 0),
@@ -205,6 +206,21 @@ def stop_server(server: subprocess.Popen, timeout: float = 60) -> bool:
         return False
 
 
+def run_example_client(port: int, scratch: Path) -> dict:
+    """examples/openai_client.py asking QUESTION about image 0 (saved as a PNG file), as a user runs it."""
+    image = scratch / "image0.png"
+    test_image(0).save(image)
+    flags = ["--base-url", f"http://127.0.0.1:{port}/v1", "--max-tokens", str(NEW_TOKENS)]
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE_CLIENT), str(image), QUESTION, *flags], capture_output=True, text=True, timeout=300
+    )
+    return {
+        "returncode": result.returncode,
+        "answer": result.stdout.removesuffix("\n"),
+        "stderr": result.stderr[-3000:],
+    }
+
+
 def with_openai_server(folder: str) -> dict:
     """The image cases sent at once (the server batches them), the text-only case, two bad images, then a good
     request again."""
@@ -231,6 +247,7 @@ def with_openai_server(folder: str) -> dict:
             bad_images[what] = {"status": status, "message": body.get("error", {}).get("message")}
         answers.append(ask(CASES[1]))
         names.append("after_bad_images:" + CASES[1][0])
+        example = run_example_client(port, Path(folder).parent)
     finally:
         start = time.time()
         stopped_on_sigterm = stop_server(server)
@@ -242,7 +259,13 @@ def with_openai_server(folder: str) -> dict:
         name: {"prompt": body["prompt_token_ids"], "tokens": body["choices"][0]["token_ids"]}
         for name, (_, body) in zip(names, answers, strict=True)
     }
-    return {"cases": cases, "seconds": seconds, "bad_images": bad_images, "stopped_on_sigterm": stopped_on_sigterm}
+    return {
+        "cases": cases,
+        "seconds": seconds,
+        "bad_images": bad_images,
+        "stopped_on_sigterm": stopped_on_sigterm,
+        "example_client": example,
+    }
 
 
 SIDES = {"transformers": with_transformers, "vllm": with_vllm, "server": with_openai_server}
@@ -271,6 +294,13 @@ def compare(folder: Path, side: str = "vllm") -> dict:
             "transformers": expected["tokens"],
             "vllm": got["tokens"],
         }
+    if "example_client" in served:  # its answer is the text of generate's tokens up to the end of sequence
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokens = reference["cases"]["question_image0"]["tokens"]
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in tokens else tokens
+        served["example_client"]["expected"] = tokenizer.decode(tokens, skip_special_tokens=True)
     return {
         "all_equal": all(case["prompt_equal"] and case["tokens_equal"] for case in cases.values()),
         # different images must give different outputs, or the comparison would not show the image is used
