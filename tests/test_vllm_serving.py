@@ -14,6 +14,7 @@ import pytest
 
 VLLM_PYTHON = os.environ.get("SMOLVLM_VLLM_PYTHON")
 SERVE = Path(__file__).with_name("vllm_serve.py")
+BENCH_SERVE = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
 
 pytestmark = pytest.mark.skipif(not VLLM_PYTHON, reason="SMOLVLM_VLLM_PYTHON (an interpreter with vLLM) is not set")
 
@@ -54,3 +55,17 @@ def test_openai_server_answers_chat_completions_with_the_same_greedy_tokens(tmp_
     example = report["example_client"]
     assert example["returncode"] == 0, example["stderr"]
     assert example["answer"] == example["expected"] and example["answer"]
+
+
+def test_bench_serve_times_vllm_and_generate_on_the_same_captions(tmp_path):
+    out = tmp_path / "bench_serve.json"
+    command = [VLLM_PYTHON, str(BENCH_SERVE), "--tiny", "--quick", "--bf16", "off", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-6000:]
+    figures = json.loads(out.read_text())
+    fp32 = figures["by_precision"]["fp32"]
+    assert set(fp32["images_per_s"]) == set(fp32["time_to_first_token_s"]) == {"vllm", "generate"}
+    assert min(fp32["images_per_s"].values()) > 0 and min(fp32["time_to_first_token_s"].values()) > 0
+    # the contenders do the same work: the same greedy captions, batched on both sides
+    assert fp32["same_greedy_tokens"] == figures["images"] == 8
+    assert f"cpu_capability {figures['cpu']['cpu_capability']}" in result.stdout and "| vLLM, fp32" in result.stdout
