@@ -11,8 +11,8 @@ vLLM is its offline `LLM`, or with `--server` its OpenAI-compatible server as `s
 URLs; two bad images (garbage base64, and base64 of bytes that are no image) go in between, and their error
 responses are in the report.
 
-The cases: captioning and questions on three different images (batched in one `LLM.generate` call, or sent at once
-to the server), a text-only prompt, and the chat entry point (or the request after the bad images). A served case
+The cases: captioning and questions on three different images and a text-only prompt (batched in one `LLM.generate`
+call, or sent to the server at once), and the chat entry point (or the request after the bad images). A served case
 named `what:name` is compared with the transformers case `name`. The tiny LM's heads are 32 wide (the smallest head
 size vLLM's CPU attention takes; the test models' 8 it does not).
 """
@@ -147,7 +147,8 @@ def chat_request(folder: str, question: str | None, seed: int | None, url: str |
         "messages": [{"role": "user", "content": content}],
         "temperature": 0.0,
         "max_tokens": NEW_TOKENS,
-        "ignore_eos": True,  # the tiny model has no end of sequence: both sides generate exactly NEW_TOKENS
+        # the tiny model's `generate` never stops (no eos in its generation config); vLLM would stop at the tokenizer's
+        "ignore_eos": True,
         "return_token_ids": True,  # vLLM's extension: `prompt_token_ids` and each choice's `token_ids`
     }
 
@@ -222,16 +223,16 @@ def run_example_client(port: int, scratch: Path) -> dict:
 
 
 def with_openai_server(folder: str) -> dict:
-    """The image cases sent at once (the server batches them), the text-only case, two bad images, then a good
-    request again."""
+    """All the cases sent at once (the server batches them), two bad images, then a good request again, then the
+    example client."""
     port, start = free_port(), time.time()
     server = start_server(folder, port, Path(folder).parent / "server.log")
     seconds = {"start": round(time.time() - start, 1)}
+
+    def ask(case: tuple[str, str | None, int | None], url: str | None = None) -> tuple[int, dict]:
+        return post(port, "/v1/chat/completions", chat_request(folder, case[1], case[2], url))
+
     try:
-
-        def ask(case: tuple[str, str | None, int | None], url: str | None = None) -> tuple[int, dict]:
-            return post(port, "/v1/chat/completions", chat_request(folder, case[1], case[2], url))
-
         start = time.time()
         with ThreadPoolExecutor(len(CASES)) as pool:
             answers = list(pool.map(ask, CASES))
