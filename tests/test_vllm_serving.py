@@ -25,7 +25,7 @@ def serve_report(tmp_path: Path, *flags: str) -> dict:
         [VLLM_PYTHON, str(SERVE), str(tmp_path / "model"), *flags], capture_output=True, text=True, timeout=1800
     )
     line = next((ln for ln in result.stdout.splitlines() if ln.startswith("REPORT ")), None)
-    assert line is not None, result.stderr[-6000:]
+    assert line is not None, f"exit status {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     report = json.loads(line[len("REPORT ") :])
     mismatched = {
         name: case for name, case in report["cases"].items() if not (case["prompt_equal"] and case["tokens_equal"])

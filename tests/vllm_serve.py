@@ -298,7 +298,7 @@ def compare(folder: Path, side: str = "vllm") -> dict:
     if "example_client" in served:  # its answer is the text of generate's tokens up to the end of sequence
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
         tokens = reference["cases"]["question_image0"]["tokens"]
         tokens = tokens[: tokens.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in tokens else tokens
         served["example_client"]["expected"] = tokenizer.decode(tokens, skip_special_tokens=True)
