@@ -40,8 +40,11 @@ from smolvlm_qformer.training import ModelArguments
 # --------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags every script takes: --json PATH, --quick (a run of seconds), --tiny (test-sized shapes), --bf16."""
+def parse_args(
+    description: str, argv: list[str] | None = None, more: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
+    """The flags every script takes: --json PATH, --quick (a run of seconds), --tiny (test-sized shapes), --bf16;
+    `more` adds a script's own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     parser.add_argument("--quick", action="store_true", help="few steps and small batches: a run of seconds")
@@ -53,6 +56,8 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
         help="also time bf16 contenders: auto = where the device runs bf16 natively (on an AVX2-only CPU it is "
         "emulated, ~60x slower than fp32)",
     )
+    if more is not None:
+        more(parser)
     return parser.parse_args(argv)
 
 

