@@ -201,6 +201,7 @@ def fit_stage2(
         max_answer_tokens=data_args.max_answer_tokens,
         max_question_tokens=data_args.max_question_tokens,
         max_length=model.config.text_config.max_position_embeddings,
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
     )
     trainer = VLMTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator
