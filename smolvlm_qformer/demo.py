@@ -330,7 +330,6 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
             **DEMO_DATA,
             prompts_file=str(prompts_file),
             shuffle_turns=args.conversations,
-            pad_to_multiple_of=8 if args.conversations else None,
         )
         _, trainer = fit_stage2(vlm, processor, train, None, data_args, stage2_args)
     histories["stage 2 (LM loss on answers)"] = trainer.state.log_history

@@ -74,9 +74,9 @@ class ChatCollator:
     max_answer_tokens: int = 64
     max_question_tokens: int = 128
     max_length: int = 2048
-    pad_to_multiple_of: int | None = None
-    """Pad each batch to a multiple of this many tokens: batches of conversations whose lengths vary much then come
-    in few shapes (on a CPU each new shape costs allocator time and memory); one-turn rows are faster without."""
+    pad_to_multiple_of: int | None = 8
+    """Pad each batch to a multiple of this many tokens (None: to its longest row): batches come in few shapes (on a
+    CPU each new shape costs allocator time and memory). The demo's accuracy over three seeds was measured so."""
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         conversations, features, dropped = [], [], 0

@@ -61,8 +61,8 @@ class DataArguments:
     """LM question length (stage 2); longer questions are truncated, so no prompt outgrows the LM's context."""
     prompts_file: str | None = None
     shuffle_turns: bool = False
-    pad_to_multiple_of: int | None = None
-    """Stage 2: pad batches to a multiple of this many tokens (fewer distinct shapes for conversations)."""
+    pad_to_multiple_of: int | None = 8
+    """Stage 2: pad batches to a multiple of this many tokens (None: to the longest row)."""
     """Stage 2: the user/assistant pairs of a conversation about one image in a new order each epoch."""
     """JSON with "system_prompts" / "caption_prompts" lists for stage 2."""
     feature_cache: str | None = None
