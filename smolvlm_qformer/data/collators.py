@@ -165,11 +165,13 @@ def cut_to_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
     """`text` stripped, and cut to its first `max_tokens` tokens if longer (the one place texts are truncated)."""
     text = text.strip()
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    keep = min(len(ids), max_tokens)
+    if len(ids) <= max_tokens:  # the common case: no decode and re-encode per sample
+        return text
+    keep = max_tokens
     # a cut inside a word can re-encode into more tokens: cut shorter until the text itself fits
     while len(tokenizer(cut := tokenizer.decode(ids[:keep]), add_special_tokens=False).input_ids) > max_tokens:
         keep -= 1
-    return text if keep == len(ids) else cut
+    return cut
 
 
 def with_images(conversation: Conversation, images: list[Any]) -> Conversation:
