@@ -92,10 +92,13 @@ class DemoArguments:
     """Stage 2 takes more, smaller steps: at 32 its loss stalls where answering yes/no needs no image."""
     conversations: bool = False
     """Stage 2 trains one conversation per image (its caption and questions as turns, in a new order each epoch), so
-    the image embeddings and the system prompt are computed once per image, not once per question. Off by default:
-    easy-VQA's questions about one image answer each other (a caption turn or "what colour?" answers "is there a red
-    shape?"), so later turns are learned from the text before them rather than from the image, and single-question
-    test accuracy drops (README, "Quick start")."""
+    the image embeddings and the system prompt are computed once per image, not once per question;
+    `stage2_batch_size` then counts images."""
+    independent_turns: bool = True
+    """With `conversations`: each question is learned as if asked alone (`DataArguments.independent_turns`). Without
+    it, later turns are learned from the text before them rather than from the image (easy-VQA's questions about one
+    image answer each other: "what colour?" answers "is there a red shape?"), and single-question test accuracy drops
+    (README, "Quick start")."""
     stage1_learning_rate: float = 2e-4
     stage2_learning_rate: float = 2e-4
     num_query_tokens: int = 8
@@ -330,6 +333,7 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
             **DEMO_DATA,
             prompts_file=str(prompts_file),
             shuffle_turns=args.conversations,
+            independent_turns=args.conversations and args.independent_turns,
         )
         _, trainer = fit_stage2(vlm, processor, train, None, data_args, stage2_args)
     histories["stage 2 (LM loss on answers)"] = trainer.state.log_history

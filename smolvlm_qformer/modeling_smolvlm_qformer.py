@@ -801,6 +801,12 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
         elif input_ids is not None and not torch.compiler.is_compiling():
             if (input_ids == self.config.image_token_id).any():
                 raise ValueError("the prompt has image placeholder tokens but no pixel_values or vision_hidden_states")
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            # a custom (B, 1, T, T) mask, True where a token may attend (e.g. `pack_shared_prefix`'s): in the
+            # additive form every attention implementation of the LM takes (eager adds it to the scores)
+            attention_mask = torch.zeros_like(attention_mask, dtype=inputs_embeds.dtype).masked_fill(
+                ~attention_mask, torch.finfo(inputs_embeds.dtype).min
+            )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

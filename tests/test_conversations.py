@@ -358,3 +358,59 @@ def test_messages_and_llava_files_load_through_load_dataset_and_train(processor,
     assert torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])
     assert torch.equal(batches[0]["labels"], batches[1]["labels"])
     torch.testing.assert_close(batches[0]["pixel_values"], batches[1]["pixel_values"])
+
+
+def _questions_about(image: dict, sample_index: int, questions=QUESTIONS) -> dict:
+    """A caption turn (the image alone) then the questions, as a messages row."""
+    messages = [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "a red square"}]
+    for question, answer in questions:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"image": image, "messages": messages, "sample_index": sample_index}
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_independent_turns_share_the_prefix_and_train_as_rows_of_their_own(processor, attention):
+    """`independent_turns`: each exchange of a conversation packed after the shared prompt prefix has the loss and
+    gradients it has as a row of its own, and the row is shorter than the rows it replaces."""
+    from smolvlm_qformer.data.conversations import independent_exchanges
+
+    prompts = PromptConfig(system_prompts=["Answer briefly."], caption_prompts=["Describe it."])
+    rows = [_questions_about(_png(RED), 0), _questions_about(_png(BLUE), 1, QUESTIONS[:1])]
+    packed = ChatCollator(processor, prompts=prompts, independent_turns=True)(rows)
+    assert packed["input_ids"].shape[0] == 2 and packed["attention_mask"].shape[:2] == (2, 1)
+    collator = ChatCollator(processor, prompts=prompts)
+    one_per_exchange = [
+        {**row, "messages": sample.messages}
+        for row in rows
+        for sample in independent_exchanges(collator.conversation(row)[0])
+    ]
+    separate = collator(one_per_exchange)
+    assert len(one_per_exchange) == 6
+    labelled = separate["labels"][separate["labels"] != -100]
+    assert torch.equal(packed["labels"][packed["labels"] != -100], labelled)  # the same targets, in order
+    assert packed["attention_mask"].sum() < separate["attention_mask"].sum() ** 2  # fewer token pairs
+    assert (packed["input_ids"] != processor.tokenizer.pad_token_id).sum() < separate["attention_mask"].sum()
+
+    model = tiny_generation_model(tiny_config(processor, dropout=0.0, attention_dropout=0.0)).train()
+    model.model.language_model.set_attn_implementation(attention)
+    results = []
+    for batch in (packed, separate):
+        model.zero_grad()
+        loss = model(**{k: v for k, v in batch.items() if not k.startswith("num_")}).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (packed_loss, packed_grads), (loss, grads) = results
+    torch.testing.assert_close(packed_loss, loss, atol=1e-5, rtol=1e-5)
+    assert packed_grads.keys() == grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_independent_turns_with_images_of_their_own_are_a_counted_skip(processor, caplog):
+    row = _questions_about(_png(RED), 0)
+    row["messages"][2]["content"] = [{"type": "image"}, {"type": "text", "text": "and this?"}]
+    row = {**row, "images": [row.pop("image")] * 2}
+    with caplog.at_level(logging.WARNING):
+        batch = ChatCollator(processor, independent_turns=True)([row, _questions_about(_png(BLUE), 1)])
+    assert batch["num_skipped"].item() == 1 and "images of its own" in caplog.text
+    assert batch["input_ids"].shape[0] == 1

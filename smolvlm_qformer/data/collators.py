@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
-from .conversations import BadRow, Conversation, conversation_from_row
+from .conversations import BadRow, Conversation, conversation_from_row, independent_exchanges
 from .images import decode_or_skip
 from .prompts import PromptConfig
 
@@ -78,8 +79,13 @@ class ChatCollator:
     """Pad each batch to a multiple of this many tokens (None: to its longest row): batches come in few shapes (on a
     CPU each new shape costs allocator time and memory). The demo's accuracy over three seeds was measured so."""
 
+    independent_turns: bool = False
+    """Each user/assistant exchange is a sample of its own about the conversation's images (e.g. several questions
+    about one image): one row per conversation all the same, in which the exchanges share their common prompt prefix
+    (system prompt, image) and see nothing of each other (`pack_shared_prefix`)."""
+
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        conversations, features, dropped = [], [], 0
+        features, groups, dropped = [], [], 0
         for row in rows:
             name = f"sample {row.get('sample_index')}"
             if "vision_hidden_states" in row and row["vision_hidden_states"] is None:
@@ -87,22 +93,33 @@ class ChatCollator:
                 continue
             try:
                 conversation, row_dropped = self.conversation(row)
+                group = independent_exchanges(conversation) if self.independent_turns else [conversation]
             except BadRow as error:
                 logger.warning("skipping %s: %s", name, error)
                 continue
             if "vision_hidden_states" in row:  # the conversation's images are their cached features
-                features.extend(conversation.images)
+                features.extend(image for sample in group for image in sample.images)
             else:
                 images = [decode_or_skip(image, f"of {name}") for image in conversation.images]
                 if any(image is None for image in images):
                     continue
-                conversation = with_images(conversation, images)
-            conversations.append(conversation.messages)
+                group = [with_images(sample, images) for sample in group]
+            groups.append(group)
             dropped += row_dropped
-        batch: dict[str, Any] = {"num_skipped": torch.tensor([len(rows) - len(conversations)])}
+        batch: dict[str, Any] = {"num_skipped": torch.tensor([len(rows) - len(groups)])}
         batch["num_dropped_turns"] = torch.tensor([dropped])  # 1-d: batches may be concatenated
-        if conversations:
-            batch.update(self.encode(conversations, vision_hidden_states=features if features else None))
+        if groups:
+            samples = [sample.messages for group in groups for sample in group]
+            encoded = self.encode(samples, vision_hidden_states=features if features else None)
+            if self.independent_turns:
+                encoded = pack_shared_prefix(
+                    encoded,
+                    [len(group) for group in groups],
+                    [len(group[0].images) for group in groups],
+                    self.processor.tokenizer.pad_token_id,
+                    self.pad_to_multiple_of,
+                )
+            batch.update(encoded)
         return batch
 
     def conversation(self, row: dict[str, Any]) -> tuple[Conversation, int]:
@@ -159,6 +176,67 @@ class ChatCollator:
     def _length(self, messages: list[dict]) -> int:
         prompt = self.processor.apply_chat_template(messages, tokenize=False)
         return len(self.processor.encode_text([prompt], padding=False)["input_ids"][0])
+
+
+def pack_shared_prefix(
+    batch: dict[str, torch.Tensor],
+    group_sizes: list[int],
+    images_per_sample: list[int],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each group of consecutive encoded samples (right-padded `input_ids` / `attention_mask` / `labels`, images in
+    order) as one row: their longest common prefix once, then each sample's remainder. The 4-D boolean
+    `attention_mask` (B, 1, T, T) lets a remainder see the prefix and itself only, and `position_ids` continue the
+    prefix in every remainder, so each sample gets the loss and gradients it has as a row of its own, while the
+    prefix (system prompt, image) is computed once. The prefix stops before any position that predicts a label.
+    A group's samples share their images: the first sample's are kept."""
+    rows, keep_images, sample, image = [], [], 0, 0
+    for size, num_images in zip(group_sizes, images_per_sample, strict=True):
+        members = range(sample, sample + size)
+        valid = [batch["attention_mask"][i].bool() for i in members]
+        ids = [batch["input_ids"][i][v] for i, v in zip(members, valid, strict=True)]
+        labels = [batch["labels"][i][v] for i, v in zip(members, valid, strict=True)]
+        shared = _common_prefix_length(ids)
+        for label in labels:  # the prefix's last position predicts each sample's next token: it must carry no label
+            labelled = (label != -100).nonzero()
+            if len(labelled):
+                shared = min(shared, int(labelled[0]) - 1)
+        shared = max(shared, 0)
+        rows.append(
+            {
+                "input_ids": torch.cat([ids[0][:shared]] + [x[shared:] for x in ids]),
+                "labels": torch.cat([labels[0][:shared]] + [x[shared:] for x in labels]),
+                "position_ids": torch.cat([torch.arange(shared)] + [torch.arange(shared, len(x)) for x in ids]),
+                "segment": torch.cat(
+                    [torch.full((shared,), -1)] + [torch.full((len(x) - shared,), k) for k, x in enumerate(ids)]
+                ),
+            }
+        )
+        keep_images.extend(range(image, image + num_images))
+        sample, image = sample + size, image + num_images * size
+    length = max(len(row["input_ids"]) for row in rows)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    pads = {"input_ids": pad_token_id, "labels": -100, "position_ids": 0, "segment": -2}
+    packed = {
+        key: torch.stack([F.pad(row[key], (0, length - len(row[key])), value=value) for row in rows])
+        for key, value in pads.items()
+    }
+    segment = packed.pop("segment")
+    sees = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == -1)
+    sees &= torch.ones(length, length, dtype=torch.bool).tril() & (segment != -2)[:, None, :]
+    packed["attention_mask"] = (sees | torch.eye(length, dtype=torch.bool)).unsqueeze(1)  # a pad sees itself
+    for key in ("pixel_values", "vision_hidden_states"):
+        if key in batch:
+            packed[key] = batch[key][keep_images]
+    return packed
+
+
+def _common_prefix_length(sequences: list[torch.Tensor]) -> int:
+    length = min(len(x) for x in sequences)
+    same = torch.stack([x[:length] == sequences[0][:length] for x in sequences]).all(dim=0)
+    return int(same.long().cumprod(0).sum())
 
 
 def cut_to_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:

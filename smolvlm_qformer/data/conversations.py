@@ -150,3 +150,28 @@ def check(conversation: Conversation) -> None:
         raise BadRow("no assistant turn")
     if conversation.num_image_parts != len(conversation.images):
         raise BadRow(f"{conversation.num_image_parts} image markers for {len(conversation.images)} images")
+
+
+def independent_exchanges(conversation: Conversation) -> list[Conversation]:
+    """The conversation as one conversation per user/assistant exchange, for turns that do not depend on each other
+    (several questions about the same images): each keeps the system turn and gets the first user turn's images
+    before its text, as if it were a row of its own. `BadRow` if a later user turn brings images of its own."""
+    system = [m for m in conversation.messages if m["role"] == "system"]
+    exchanges: list[list[dict[str, Any]]] = []
+    for message in conversation.messages:
+        if message["role"] == "user":
+            exchanges.append([message])
+        elif message["role"] == "assistant":
+            if not exchanges:
+                raise BadRow("an assistant turn before the first user turn")
+            exchanges[-1].append(message)
+    image_parts = [part for part in exchanges[0][0]["content"] if part["type"] == "image"]  # `check`: one exists
+    split = [Conversation(system + exchanges[0], conversation.images)]
+    for exchange in exchanges[1:]:
+        user, *answers = exchange
+        if any(part["type"] == "image" for part in user["content"]):
+            raise BadRow("a later user turn has images of its own: independent turns share the first turn's images")
+        split.append(
+            Conversation([*system, {**user, "content": image_parts + user["content"]}, *answers], conversation.images)
+        )
+    return [c for c in split if any(m["role"] == "assistant" for m in c.messages)]

@@ -60,11 +60,15 @@ class DataArguments:
     max_question_tokens: int = 128
     """LM question length (stage 2); longer questions are truncated, so no prompt outgrows the LM's context."""
     prompts_file: str | None = None
+    """JSON with "system_prompts" / "caption_prompts" lists for stage 2."""
     shuffle_turns: bool = False
+    """Stage 2: the user/assistant pairs of a conversation about one image in a new order each epoch."""
+    independent_turns: bool = False
+    """Stage 2: each user/assistant pair of a conversation is a sample of its own about the conversation's images
+    (e.g. VQA data grouped into one conversation per image): it learns as a row of its own would, from the image and
+    its question only, while the system prompt and the image are computed once per conversation."""
     pad_to_multiple_of: int | None = 8
     """Stage 2: pad batches to a multiple of this many tokens (None: to the longest row)."""
-    """Stage 2: the user/assistant pairs of a conversation about one image in a new order each epoch."""
-    """JSON with "system_prompts" / "caption_prompts" lists for stage 2."""
     feature_cache: str | None = None
     """A folder written by `smolvlm-qformer cache-features`: train on cached vision features instead of images."""
 

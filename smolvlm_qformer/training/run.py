@@ -202,6 +202,7 @@ def fit_stage2(
         max_question_tokens=data_args.max_question_tokens,
         max_length=model.config.text_config.max_position_embeddings,
         pad_to_multiple_of=data_args.pad_to_multiple_of,
+        independent_turns=data_args.independent_turns,
     )
     trainer = VLMTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator
