@@ -62,7 +62,8 @@ DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens
 
 @dataclass
 class DemoArguments:
-    """What the demo trains on, for how long, and where it writes. The defaults fit a 2-core CPU in ~15 minutes."""
+    """What the demo trains on, for how long, and where it writes. The defaults take about 10 minutes on a 2-core CPU
+    with native bf16 (README, "Quick start")."""
 
     output_dir: str | None = None
     """Default: a new `smolvlm-qformer-demo-YYYYMMDD-HHMMSS` folder in the current directory."""
@@ -72,9 +73,9 @@ class DemoArguments:
     """Use the first N of the 4,000 training images (default: all)."""
     train_questions: int | None = 9000
     """Stage 2: questions drawn at random from those images' 38,575 (None: all)."""
-    questions_per_image: int | None = None
+    questions_per_image: int | None = 3
     """Stage 2 draws its questions as this many about each of `train_questions / questions_per_image` images drawn
-    at random (None: questions drawn independently, about 2.3 per image). With `conversations`, 3 gives
+    at random (None: questions drawn independently, about 2.3 per image). With `conversations`, equal numbers give
     conversations of equal length, which pad little."""
     train_captions: int | None = 600
     """Stage 2: caption rows drawn at random alongside the questions (None: every captioned image)."""
@@ -88,12 +89,14 @@ class DemoArguments:
     stage1_epochs: float = 2.0
     stage2_epochs: float = 1.0
     stage1_batch_size: int = 32
-    stage2_batch_size: int = 16
-    """Stage 2 takes more, smaller steps: at 32 its loss stalls where answering yes/no needs no image."""
-    conversations: bool = False
+    stage2_batch_size: int = 5
+    """Rows per stage-2 step: images with `conversations` (5 x 3 questions + 1 caption in 5 = 16 exchanges), else
+    questions or captions (then 16). Stage 2 takes more, smaller steps: at twice that its loss stalls where
+    answering yes/no needs no image."""
+    conversations: bool = True
     """Stage 2 trains one conversation per image (its caption and questions as turns, in a new order each epoch), so
-    the image embeddings and the system prompt are computed once per image, not once per question;
-    `stage2_batch_size` then counts images."""
+    the image embeddings and the system prompt are computed once per image, not once per question (with
+    `independent_turns`: faster for the same accuracy, README "Quick start")."""
     independent_turns: bool = True
     """With `conversations`: each question is learned as if asked alone (`DataArguments.independent_turns`). Without
     it, later turns are learned from the text before them rather than from the image (easy-VQA's questions about one

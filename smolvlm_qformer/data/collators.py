@@ -189,20 +189,22 @@ def pack_shared_prefix(
     order) as one row: their longest common prefix once, then each sample's remainder. The 4-D boolean
     `attention_mask` (B, 1, T, T) lets a remainder see the prefix and itself only, and `position_ids` continue the
     prefix in every remainder, so each sample gets the loss and gradients it has as a row of its own, while the
-    prefix (system prompt, image) is computed once. The prefix stops before any position that predicts a label.
+    prefix (system prompt, image) is computed once. The prefix stops before any position that predicts a label, and
+    each remainder at its last label.
     A group's samples share their images: the first sample's are kept."""
     rows, keep_images, sample, image = [], [], 0, 0
     for size, num_images in zip(group_sizes, images_per_sample, strict=True):
         members = range(sample, sample + size)
-        valid = [batch["attention_mask"][i].bool() for i in members]
-        ids = [batch["input_ids"][i][v] for i, v in zip(members, valid, strict=True)]
-        labels = [batch["labels"][i][v] for i, v in zip(members, valid, strict=True)]
-        shared = _common_prefix_length(ids)
-        for label in labels:  # the prefix's last position predicts each sample's next token: it must carry no label
-            labelled = (label != -100).nonzero()
-            if len(labelled):
-                shared = min(shared, int(labelled[0]) - 1)
-        shared = max(shared, 0)
+        ids, labels, limits = [], [], []
+        for i in members:
+            labelled = (batch["labels"][i] != -100).nonzero().flatten()
+            # right-padded; a sample ends at its last label (what would follow it predicts nothing)
+            end = int(labelled[-1]) + 1 if len(labelled) else int(batch["attention_mask"][i].sum())
+            ids.append(batch["input_ids"][i][:end])
+            labels.append(batch["labels"][i][:end])
+            # the prefix's last position predicts each sample's next token: that token must carry no label
+            limits.append(int(labelled[0]) - 1 if len(labelled) else end)
+        shared = max(0, min(_common_prefix_length(ids), *limits))
         rows.append(
             {
                 "input_ids": torch.cat([ids[0][:shared]] + [x[shared:] for x in ids]),
