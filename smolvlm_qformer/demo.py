@@ -46,6 +46,7 @@ from .data import (
 from .data.easy_vqa import easy_vqa_dataset
 from .demo_figures import plot_examples, plot_losses, plot_query_attention
 from .evaluation import load_metric, retrieval_recall_at_k, retrieval_scores
+from .hardware import bf16_is_fast
 from .inference import generate_texts, load_for_inference
 from .model_card import write_model_card
 from .modeling_smolvlm_qformer import LORA_ALL_LINEAR_MODULES
@@ -56,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 BASE_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2")
 RECALL_KS = (1, 5)
+# The default run's minutes on a 2-core AMD EPYC (README, "Quick start"), for the ETA printed at the start
+DEFAULT_RUN_MINUTES = {"bf16": 10, "float32": 25}
 # easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short
 DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8}
 
@@ -249,6 +252,17 @@ def _model_args(args: DemoArguments, backbones: AssetPaths) -> ModelArguments:
     )
 
 
+def cpu_eta() -> str:
+    """What the default run takes on this CPU kind, from the minutes measured on 2 cores (README, "Quick start")."""
+    native = bf16_is_fast("cpu")
+    minutes = DEFAULT_RUN_MINUTES["bf16" if native else "float32"]
+    kind = "native bf16 (the frozen LM in bf16)" if native else "no native bf16 (everything in float32)"
+    return (
+        f"the default run takes about {minutes} minutes on 2 cores of a CPU with {kind}; this one: "
+        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    )
+
+
 def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[str, Any]:
     """The whole demo; returns the metrics it writes to `output_dir/metrics.json`. `backbones` replaces the fetched
     assets (e.g. tiny stand-ins in tests)."""
@@ -256,6 +270,8 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     output_dir = Path(args.output_dir or f"smolvlm-qformer-demo-{datetime.now():%Y%m%d-%H%M%S}")
     output_dir.mkdir(parents=True, exist_ok=True)
     logger.info("demo: writing to %s (device %s)", output_dir, args.device)
+    if args.device == "cpu":
+        logger.info("demo: %s", cpu_eta())
     seconds: dict[str, float] = {}
 
     with _timed(seconds, "assets"):

@@ -15,12 +15,15 @@ def bf16_is_fast(device: str | torch.device) -> bool:
     """Whether bfloat16 runs natively (and so faster than float32) on `device`.
 
     True on CUDA GPUs with native bf16 (not the emulation `torch.cuda.is_bf16_supported()` counts by default, which
-    Trainer refuses) and on CPUs with AVX512-BF16 or AMX; False elsewhere.
+    Trainer refuses) and on CPUs with AVX512-BF16 or AMX, unless torch's kernels are held below AVX512
+    (`ATEN_CPU_CAPABILITY=avx2`, e.g. to time an AVX2 machine); False elsewhere.
     """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)  # False without CUDA
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if device.type != "cpu" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def fast_dtype(device: str | torch.device) -> torch.dtype:

@@ -29,3 +29,15 @@ def images():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """`fake_cpu(native_bf16, capability="AVX512")`: the CPU that `hardware.bf16_is_fast` sees (no AMX)."""
+
+    def fake(native_bf16: bool, capability: str = "AVX512") -> None:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+
+    return fake

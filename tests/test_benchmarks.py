@@ -70,12 +70,11 @@ def test_bench_generate(tmp_path):
     assert "caption latency" in stdout
 
 
-def test_benchmarks_time_bf16_only_where_the_hardware_runs_it(monkeypatch):
+def test_benchmarks_time_bf16_only_where_the_hardware_runs_it(fake_cpu):
     from common import parse_args, precisions
 
     for native in (True, False):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        fake_cpu(native)
         assert precisions(parse_args("", [])) == (["fp32", "bf16"] if native else ["fp32"])
         assert precisions(parse_args("", ["--bf16", "off"])) == ["fp32"]
         assert precisions(parse_args("", ["--bf16", "on"])) == ["fp32", "bf16"]

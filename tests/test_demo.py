@@ -43,7 +43,6 @@ def demo(tmp_path_factory, processor):
         stage1_epochs=1,
         stage2_epochs=20,  # enough for the tiny LM to learn the answers' form and priors (3 seeds: +11 to +32 points)
         stage1_batch_size=16,
-        stage2_batch_size=16,
         stage2_learning_rate=5e-3,
         num_query_tokens=processor.num_query_tokens,
         lora_r=4,
@@ -142,3 +141,12 @@ def test_conversation_mode_groups_each_images_caption_and_questions():
     sampled = _sample_questions(many, 9, per_image=3, seed=0)
     per_image = {path: sampled["image"].count(path) for path in set(sampled["image"])}
     assert len(sampled) == 9 and sorted(per_image.values()) == [3, 3, 3]
+
+
+def test_the_demo_says_how_long_the_default_run_takes_on_this_cpu_kind(fake_cpu):
+    from smolvlm_qformer.demo import DEFAULT_RUN_MINUTES, cpu_eta
+
+    fake_cpu(True)
+    assert f"about {DEFAULT_RUN_MINUTES['bf16']} minutes" in cpu_eta() and "AVX512" in cpu_eta()
+    fake_cpu(True, capability="AVX2")
+    assert f"about {DEFAULT_RUN_MINUTES['float32']} minutes" in cpu_eta() and "float32" in cpu_eta()

@@ -332,14 +332,15 @@ def test_optimizer_groups_give_new_parts_their_rate_and_no_decay_to_norms_and_bi
     assert not any(id(p) in settings for name, p in named.items() if name.startswith("vision_model"))
 
 
-def test_bf16_defaults_to_what_the_device_runs_natively_and_can_be_turned_off(tmp_path, monkeypatch):
+def test_bf16_defaults_to_what_the_device_runs_natively_and_can_be_turned_off(tmp_path, monkeypatch, fake_cpu):
     for native in (True, False):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        fake_cpu(native)
         assert bf16_is_fast("cpu") is native
         assert fast_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
         assert _training_args(tmp_path, bf16=None).bf16 is native
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    fake_cpu(True, capability="AVX2")  # kernels held to AVX2 (ATEN_CPU_CAPABILITY=avx2): bf16 would be emulated
+    assert bf16_is_fast("cpu") is False
+    fake_cpu(True)
     assert _training_args(tmp_path, bf16=False).bf16 is False
     # a GPU that only emulates bf16 (pre-Ampere): slower, and Trainer refuses bf16 there
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
@@ -393,10 +394,9 @@ def test_checkpointed_stage1_computes_the_same_gradients(backbones, shapes, tmp_
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_frozen_lm_dtype_auto_is_bf16_only_where_the_cpu_runs_it_natively(backbones, monkeypatch, native_bf16):
+def test_frozen_lm_dtype_auto_is_bf16_only_where_the_cpu_runs_it_natively(backbones, fake_cpu, native_bf16):
     """On an AVX2-only CPU a bf16 LM falls back to torch's generic GEMM (a demo step took 170 s instead of 3)."""
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    fake_cpu(native_bf16)
     model, _ = build_stage2(_model_args(backbones, lora_r=4, frozen_lm_dtype="auto", lm_attn_implementation="eager"))
     expected = torch.bfloat16 if native_bf16 else torch.float32
     frozen = {p.dtype for p in model.get_decoder().parameters() if not p.requires_grad}
