@@ -80,8 +80,10 @@ class DemoArguments:
     """Stage 2 draws its questions as this many about each of `train_questions / questions_per_image` images drawn
     at random (None: questions drawn independently, about 2.3 per image). With `conversations`, equal numbers give
     conversations of equal length, which pad little."""
-    train_captions: int | None = 600
-    """Stage 2: caption rows drawn at random alongside the questions (None: every captioned image)."""
+    train_captions: int | None = None
+    """Stage 2: caption rows drawn at random alongside the questions (None: every captioned image; with
+    `questions_per_image`, of the images asked about). A caption turn for every image is what makes the yes/no
+    questions learnable on every seed (README, "Quick start")."""
     test_questions: int | None = 1000
     """Test questions evaluated, drawn at random from 9,673 (None: all)."""
     test_images: int | None = None
