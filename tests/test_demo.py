@@ -117,7 +117,7 @@ def test_demo_command_and_flags():
 def test_conversation_mode_groups_each_images_caption_and_questions():
     import datasets
 
-    from smolvlm_qformer.demo import _conversations, _sample_questions
+    from smolvlm_qformer.demo import _conversations, _sample, _sample_questions
 
     rows = datasets.Dataset.from_dict(
         {
@@ -141,6 +141,7 @@ def test_conversation_mode_groups_each_images_caption_and_questions():
     sampled = _sample_questions(many, 9, per_image=3, seed=0)
     per_image = {path: sampled["image"].count(path) for path in set(sampled["image"])}
     assert len(sampled) == 9 and sorted(per_image.values()) == [3, 3, 3]
+    assert _sample_questions(many, 9, per_image=0, seed=0)["question"] == _sample(many, 9, seed=0)["question"]
 
 
 def test_the_demo_says_how_long_the_default_run_takes_on_this_cpu_kind(fake_cpu):
