@@ -97,9 +97,9 @@ class DemoArguments:
     """Rows per stage-2 step (images, with `conversations`). Stage 2 takes more, smaller steps: at 32 rows its loss
     stalls where answering yes/no needs no image."""
     stage2_weight_decay: float = 0.01
-    """AdamW's decoupled weight decay in stage 2 (stage 1: 0.01). With `conversations`, 1.0 lifted one seed off the
-    plateau where yes/no is answered from the question (90.7% -> 98.9% test VQA) but not another (93.1%); the
-    default is what the rows default was measured with (README, "Quick start")."""
+    """AdamW's decoupled weight decay in stage 2 (stage 1: 0.01). With `conversations`, 1.0 lifted some seeds, not
+    all, off the plateau where yes/no is answered from the question (README, "Quick start"); the default is what the
+    rows default was measured with."""
     conversations: bool = False
     """Stage 2 trains one conversation per image (its caption and questions as turns, in a new order each epoch), so
     the image embeddings and the system prompt are computed once per image, not once per question. Faster, but not
