@@ -167,7 +167,7 @@ def test_training_and_inference_build_the_same_prompt(processor):
     assert batch["input_ids"][0, : len(prompt_ids)].tolist() == prompt_ids
     assert (batch["labels"][0, : len(prompt_ids)] == -100).all()
     answer = batch["input_ids"][0, len(prompt_ids) :][batch["attention_mask"][0, len(prompt_ids) :].bool()]
-    assert processor.decode(answer) == "red<|im_end|>\n"
+    assert processor.decode(answer) == "red<|im_end|>"  # what follows the last label is left out
 
 
 def test_a_conversation_longer_than_the_context_loses_whole_later_turns(processor):
@@ -391,19 +391,48 @@ def test_independent_turns_share_the_prefix_and_train_as_rows_of_their_own(proce
     assert packed["attention_mask"].sum() < separate["attention_mask"].sum() ** 2  # fewer token pairs
     assert (packed["input_ids"] != processor.tokenizer.pad_token_id).sum() < separate["attention_mask"].sum()
 
+    _assert_same_loss_and_gradients(processor, packed, separate, attention)
+
+
+def _assert_same_loss_and_gradients(processor, batch: dict, reference: dict, attention: str = "eager") -> None:
+    """A tiny model (no dropout) gets the same loss and gradients from `batch` as from `reference`."""
     model = tiny_generation_model(tiny_config(processor, dropout=0.0, attention_dropout=0.0)).train()
     model.model.language_model.set_attn_implementation(attention)
     results = []
-    for batch in (packed, separate):
+    for inputs in (batch, reference):
         model.zero_grad()
-        loss = model(**{k: v for k, v in batch.items() if not k.startswith("num_")}).loss
+        loss = model(**{k: v for k, v in inputs.items() if not k.startswith("num_")}).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (packed_loss, packed_grads), (loss, grads) = results
-    torch.testing.assert_close(packed_loss, loss, atol=1e-5, rtol=1e-5)
-    assert packed_grads.keys() == grads.keys() and len(grads) > 10
+    (batch_loss, batch_grads), (loss, grads) = results
+    torch.testing.assert_close(batch_loss, loss, atol=1e-5, rtol=1e-5)
+    assert batch_grads.keys() == grads.keys() and len(grads) > 10
     for name, grad in grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(batch_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rows_end_at_their_last_label_with_the_same_loss_and_gradients(processor):
+    """What follows a row's last label (ChatML's newline after the last end-of-turn) is never computed: each row is
+    the template's ids cut there, the batch is that much narrower, and loss and gradients equal the full
+    template's."""
+    collator = ChatCollator(processor, prompts=PromptConfig(system_prompts=["Answer briefly."]))
+    rows = [
+        _red_row(question=question, answer=answer, sample_index=i) for i, (question, answer) in enumerate(QUESTIONS)
+    ]
+    rows.append(_questions_about(_png(BLUE), 3))
+    batch = collator(rows)
+    full = collator.encode(
+        [with_images(collator.conversation(row)[0], [RED]).messages for row in rows[:3]]
+        + [with_images(collator.conversation(rows[3])[0], [BLUE]).messages]
+    )
+    lengths, full_lengths = batch["attention_mask"].sum(1), full["attention_mask"].sum(1)
+    assert torch.equal(lengths, full_lengths - 1) and batch["input_ids"].shape[1] == full["input_ids"].shape[1] - 1
+    for row, length in enumerate(lengths.tolist()):
+        assert torch.equal(batch["input_ids"][row, :length], full["input_ids"][row, :length])
+        assert torch.equal(batch["labels"][row], full["labels"][row, : batch["labels"].shape[1]])
+        assert processor.decode(full["input_ids"][row, length : length + 1]) == "\n"
+        assert processor.decode(batch["input_ids"][row, length - 1 : length]) == processor.tokenizer.eos_token
+    _assert_same_loss_and_gradients(processor, batch, full)
 
 
 def test_independent_turns_with_images_of_their_own_are_a_counted_skip(processor, caplog):

@@ -67,7 +67,7 @@ class DataArguments:
     """Stage 2: each user/assistant pair of a conversation is a sample of its own about the conversation's images
     (e.g. VQA data grouped into one conversation per image): it learns as a row of its own would, from the image and
     its question only, while the system prompt and the image are computed once per conversation."""
-    pad_to_multiple_of: int | None = 8
+    pad_to_multiple_of: int | None = None
     """Stage 2: pad batches to a multiple of this many tokens (None: to the longest row)."""
     feature_cache: str | None = None
     """A folder written by `smolvlm-qformer cache-features`: train on cached vision features instead of images."""
