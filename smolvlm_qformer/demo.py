@@ -57,17 +57,18 @@ logger = logging.getLogger(__name__)
 
 BASE_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2")
 RECALL_KS = (1, 5)
-# The default run's minutes on a 2-core AMD EPYC (README, "Quick start"), for the ETA printed at the start
-DEFAULT_RUN_MINUTES = {"bf16": 13, "float32": 36}
+# The default run's minutes on 2 cores (README, "Quick start"), for the ETA printed at the start: with native bf16,
+# 13 on an AMD EPYC (AVX512-BF16) and 16 on an Intel Xeon (AMX); without it, 36 (AVX2 only)
+DEFAULT_RUN_MINUTES = {"bf16": "13-16", "float32": "36"}
 # easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short
 # (padding to 8 tokens is what the default's three seeds were measured with: it changes only the floating-point
-# order, and that alone moved seed 42 from 98.3% to 91.4%, README "Quick start")
+# order, and unpadded, seed 2 reached 97.3% instead of 97.8%, README "Quick start")
 DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8, "pad_to_multiple_of": 8}
 
 
 @dataclass
 class DemoArguments:
-    """What the demo trains on, for how long, and where it writes. The defaults take about 13 minutes on a 2-core CPU
+    """What the demo trains on, for how long, and where it writes. The defaults take 13-16 minutes on a 2-core CPU
     with native bf16 (README, "Quick start")."""
 
     output_dir: str | None = None
