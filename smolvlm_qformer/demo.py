@@ -61,8 +61,8 @@ RECALL_KS = (1, 5)
 # 13 on an AMD EPYC (AVX512-BF16) and 16 on an Intel Xeon (AMX); without it, 36 (AVX2 only)
 DEFAULT_RUN_MINUTES = {"bf16": "13-16", "float32": "36"}
 # easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short
-# (padding to 8 tokens is what the default's three seeds were measured with: it changes only the floating-point
-# order, and unpadded, seed 2 reached 97.3% instead of 97.8%, README "Quick start")
+# (padding to 8 tokens is what the default's AMD seeds were measured with; it changes only the floating-point order,
+# which alone decides whether a run leaves the yes/no plateau: README "Quick start")
 DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8, "pad_to_multiple_of": 8}
 
 
