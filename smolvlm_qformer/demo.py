@@ -46,7 +46,7 @@ from .data import (
 from .data.easy_vqa import easy_vqa_dataset
 from .demo_figures import plot_examples, plot_losses, plot_query_attention
 from .evaluation import load_metric, retrieval_recall_at_k, retrieval_scores
-from .hardware import bf16_is_fast
+from .hardware import bf16_is_fast, describe_cpu
 from .inference import generate_texts, load_for_inference
 from .model_card import write_model_card
 from .modeling_smolvlm_qformer import LORA_ALL_LINEAR_MODULES
@@ -60,10 +60,9 @@ RECALL_KS = (1, 5)
 # The default run's minutes on 2 cores (README, "Quick start"), for the ETA printed at the start: with native bf16,
 # 13 on an AMD EPYC (AVX512-BF16) and 16 on an Intel Xeon (AMX); without it, 36 (AVX2 only)
 DEFAULT_RUN_MINUTES = {"bf16": "13-16", "float32": "36"}
-# easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short
-# (padding to 8 tokens is what the default's AMD seeds were measured with; it changes only the floating-point order,
-# which alone decides whether a run leaves the yes/no plateau: README "Quick start")
-DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8, "pad_to_multiple_of": 8}
+# easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short (rows are padded to the longest
+# one, as `train-vlm` pads them)
+DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8}
 
 
 @dataclass
@@ -271,13 +270,11 @@ def _model_args(args: DemoArguments, backbones: AssetPaths) -> ModelArguments:
 
 def cpu_eta() -> str:
     """What the default run takes on this CPU kind, from the minutes measured on 2 cores (README, "Quick start")."""
-    native = bf16_is_fast("cpu")
-    minutes = DEFAULT_RUN_MINUTES["bf16" if native else "float32"]
-    kind = "native bf16 (the frozen LM in bf16)" if native else "no native bf16 (everything in float32)"
-    return (
-        f"the default run takes about {minutes} minutes on 2 cores of a CPU with {kind}; this one: "
-        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
-    )
+    fast = bf16_is_fast("cpu")
+    minutes = DEFAULT_RUN_MINUTES["bf16" if fast else "float32"]
+    kind = "where bf16 is fast (the frozen LM in bf16)" if fast else "where bf16 is not fast (everything in float32)"
+    this_cpu = ", ".join(f"{name} {value}" for name, value in describe_cpu().items())
+    return f"the default run takes about {minutes} minutes on 2 cores of a CPU {kind}; this one: {this_cpu}"
 
 
 def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[str, Any]:

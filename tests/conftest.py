@@ -5,6 +5,7 @@ import pytest
 import torch
 from warnings_policy import attribute_to_callers
 
+from smolvlm_qformer import hardware
 from smolvlm_qformer.testing_utils import tiny_config, tiny_processor
 
 attribute_to_callers()
@@ -33,11 +34,13 @@ def _seed():
 
 @pytest.fixture
 def fake_cpu(monkeypatch):
-    """`fake_cpu(native_bf16, capability="AVX512")`: the CPU that `hardware.bf16_is_fast` sees (no AMX)."""
+    """`fake_cpu(native_bf16, capability="AVX512", bf16_speedup=4.0)`: the CPU that `hardware.bf16_is_fast` sees (no
+    AMX; a bf16 matmul `bf16_speedup` times as fast as a float32 one)."""
 
-    def fake(native_bf16: bool, capability: str = "AVX512") -> None:
+    def fake(native_bf16: bool, capability: str = "AVX512", bf16_speedup: float = 4.0) -> None:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(hardware, "cpu_bf16_matmul_speedup", lambda: bf16_speedup)
 
     return fake

@@ -149,5 +149,6 @@ def test_the_demo_says_how_long_the_default_run_takes_on_this_cpu_kind(fake_cpu)
 
     fake_cpu(True)
     assert f"about {DEFAULT_RUN_MINUTES['bf16']} minutes" in cpu_eta() and "AVX512" in cpu_eta()
-    fake_cpu(True, capability="AVX2")
-    assert f"about {DEFAULT_RUN_MINUTES['float32']} minutes" in cpu_eta() and "float32" in cpu_eta()
+    for slow_bf16 in ({"capability": "AVX2"}, {"bf16_speedup": 0.56}):
+        fake_cpu(True, **slow_bf16)
+        assert f"about {DEFAULT_RUN_MINUTES['float32']} minutes" in cpu_eta() and "float32" in cpu_eta()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, TrainerCallback, TrainingArguments
 
-from smolvlm_qformer import LORA_ALL_LINEAR_MODULES, LORA_TARGET_MODULES
+from smolvlm_qformer import LORA_ALL_LINEAR_MODULES, LORA_TARGET_MODULES, hardware
 from smolvlm_qformer.data import (
     ChatCollator,
     DataArguments,
@@ -340,6 +340,10 @@ def test_bf16_defaults_to_what_the_device_runs_natively_and_can_be_turned_off(tm
         assert _training_args(tmp_path, bf16=None).bf16 is native
     fake_cpu(True, capability="AVX2")  # kernels held to AVX2 (ATEN_CPU_CAPABILITY=avx2): bf16 would be emulated
     assert bf16_is_fast("cpu") is False
+    # bf16 instructions whose matmul is slower than float32 (a 2-core Intel Xeon without AMX: 0.56x) or hardly faster
+    for speedup in (0.56, 1.1):
+        fake_cpu(True, bf16_speedup=speedup)
+        assert bf16_is_fast("cpu") is False and _training_args(tmp_path, bf16=None).bf16 is False
     fake_cpu(True)
     assert _training_args(tmp_path, bf16=False).bf16 is False
     # a GPU that only emulates bf16 (pre-Ampere): slower, and Trainer refuses bf16 there
@@ -347,6 +351,16 @@ def test_bf16_defaults_to_what_the_device_runs_natively_and_can_be_turned_off(tm
     assert bf16_is_fast("cuda") is False
     if not torch.cuda.is_available():  # no CUDA and no use_cpu: transformers would refuse bf16, so it stays off
         assert _training_args(tmp_path, bf16=None, use_cpu=False).bf16 is False
+
+
+def test_the_bf16_matmul_speedup_is_timed_once_on_this_cpu():
+    hardware.cpu_bf16_matmul_speedup.cache_clear()
+    speedup = hardware.cpu_bf16_matmul_speedup()
+    assert 0 < speedup < 100 and hardware.cpu_bf16_matmul_speedup() == speedup  # cached: one figure per process
+    instructions = hardware._cpu_has_bf16_instructions()
+    if not instructions:  # emulated (AVX2 kernels): far slower than float32
+        assert speedup < 1
+    assert bf16_is_fast("cpu") is (instructions and speedup >= hardware.CPU_BF16_MIN_SPEEDUP)
 
 
 def test_streaming_data_and_gradient_checkpointing(backbones, shapes, tmp_path):
