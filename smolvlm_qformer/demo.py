@@ -57,9 +57,10 @@ logger = logging.getLogger(__name__)
 
 BASE_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2")
 RECALL_KS = (1, 5)
-# The default run's minutes on 2 cores (README, "Quick start"), for the ETA printed at the start: with native bf16,
-# 13 on an AMD EPYC (AVX512-BF16) and 16 on an Intel Xeon (AMX); without it, 36 (AVX2 only)
-DEFAULT_RUN_MINUTES = {"bf16": "13-16", "float32": "36"}
+# The default run's minutes on 2 cores (README, "Quick start"), for the ETA printed at the start: where bf16 is fast,
+# 13 on an AMD EPYC (AVX512-BF16) and 16 on an Intel Xeon (AMX); in float32, 28 on an Intel Xeon whose bf16 is slower
+# (AVX512-BF16, no AMX) and 36 on an AMD EPYC with AVX2 only
+DEFAULT_RUN_MINUTES = {"bf16": "13-16", "float32": "28-36"}
 # easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short (rows are padded to the longest
 # one, as `train-vlm` pads them)
 DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8}
@@ -68,7 +69,7 @@ DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens
 @dataclass
 class DemoArguments:
     """What the demo trains on, for how long, and where it writes. The defaults take 13-16 minutes on a 2-core CPU
-    with native bf16 (README, "Quick start")."""
+    where bf16 is fast, 28-36 elsewhere (README, "Quick start")."""
 
     output_dir: str | None = None
     """Default: a new `smolvlm-qformer-demo-YYYYMMDD-HHMMSS` folder in the current directory."""
@@ -124,8 +125,9 @@ class DemoArguments:
     """Side the vision encoder sees (DINOv2 interpolates its position embeddings; 56 = 4 x 4 patches of 14 px for
     easy-VQA's 64 px images). None keeps the image processor's own size."""
     frozen_lm_dtype: str = "auto"
-    """`ModelArguments.frozen_lm_dtype`: "auto" holds the frozen LM in bfloat16 where the device runs it natively,
-    else float32. Both stages train without autocast, which cost the demo accuracy (README, "Precision")."""
+    """`ModelArguments.frozen_lm_dtype`: "auto" holds the frozen LM in bfloat16 where the device runs it natively
+    and faster (`hardware.bf16_is_fast`), else float32. Both stages train without autocast, which cost the demo
+    accuracy (README, "Precision")."""
     lm_attn_implementation: str | None = None
     """`ModelArguments.lm_attn_implementation`. Default: "eager" on CPU (faster than SDPA's CPU kernels on these
     short sequences), the LM's own elsewhere."""

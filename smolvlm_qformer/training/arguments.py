@@ -37,8 +37,8 @@ class ModelArguments:
     """Regex over full module names: the LM's attention projections; `LORA_ALL_LINEAR_MODULES` adds its MLP."""
     frozen_lm_dtype: str | None = None
     """Stage 2: hold the frozen LM weights in this dtype ("bfloat16", "float32", or "auto": bfloat16 where the device
-    runs it natively and faster, see `hardware.bf16_is_fast`); LoRA and the saved, merged model stay float32. Default: as
-    loaded (float32)."""
+    runs it natively and faster, see `hardware.bf16_is_fast`); LoRA and the saved, merged model stay float32.
+    Default: as loaded (float32)."""
     lm_attn_implementation: str | None = None
     """Stage 2: the LM's attention implementation ("sdpa", "eager", ...). Default: the LM's own. On CPU, "eager"
     trains faster than SDPA's CPU kernels on short (~40-token) sequences (README, "Precision")."""
@@ -61,8 +61,8 @@ class SmolVLMTrainingArguments(TrainingArguments):
     bf16: bool | None = field(
         default=None,
         metadata={
-            "help": "bf16 mixed precision (default: on CUDA GPUs with bf16; with --use_cpu, on AVX512-BF16/AMX CPUs where a bf16 "
-            "matmul is timed faster than float32)"
+            "help": "bf16 mixed precision (default: on CUDA GPUs with bf16; with --use_cpu, on AVX512-BF16/AMX CPUs "
+            "where a bf16 matmul is timed faster than float32)"
         },
     )
     remove_unused_columns: bool = field(
