@@ -4,6 +4,7 @@ and batches of an uninterrupted run, and a feature-cache build killed mid-shard 
 finished shards or reading the half-written one."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -36,7 +37,10 @@ def workspace(tmp_path_factory, processor):
 
 
 def _start(kill: str, record: str, command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(CRASH_RUN), kill, record, *command], stderr=subprocess.PIPE)
+    # one thread a run: two runs go side by side, and on a 2-core Intel Xeon two float32 runs of 2 threads each gave
+    # gradient norms 1% apart from the first step (so no resumed loss matched); with one thread each they agree
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(CRASH_RUN), kill, record, *command], stderr=subprocess.PIPE, env=env)
 
 
 def _finish(process: subprocess.Popen) -> int:
