@@ -46,7 +46,7 @@ from .data import (
 from .data.easy_vqa import easy_vqa_dataset
 from .demo_figures import plot_examples, plot_losses, plot_query_attention
 from .evaluation import load_metric, retrieval_recall_at_k, retrieval_scores
-from .hardware import bf16_is_fast, describe_cpu
+from .hardware import describe_cpu
 from .inference import generate_texts, load_for_inference
 from .model_card import write_model_card
 from .modeling_smolvlm_qformer import LORA_ALL_LINEAR_MODULES
@@ -272,10 +272,11 @@ def _model_args(args: DemoArguments, backbones: AssetPaths) -> ModelArguments:
 
 def cpu_eta() -> str:
     """What the default run takes on this CPU kind, from the minutes measured on 2 cores (README, "Quick start")."""
-    fast = bf16_is_fast("cpu")
+    cpu = describe_cpu()
+    fast = cpu["bf16_is_fast"]
     minutes = DEFAULT_RUN_MINUTES["bf16" if fast else "float32"]
     kind = "where bf16 is fast (the frozen LM in bf16)" if fast else "where bf16 is not fast (everything in float32)"
-    this_cpu = ", ".join(f"{name} {value}" for name, value in describe_cpu().items())
+    this_cpu = ", ".join(f"{name} {value}" for name, value in cpu.items())
     return f"the default run takes about {minutes} minutes on 2 cores of a CPU {kind}; this one: {this_cpu}"
 
 
