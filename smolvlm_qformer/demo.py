@@ -381,7 +381,7 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     histories["stage 2 (LM loss on answers)"] = trainer.state.log_history
     del vlm, trainer
 
-    # Evaluate the saved folder as anyone would load it (`inference.load_for_inference`, bf16 where it is native).
+    # Evaluate the saved folder as anyone would load it (`inference.load_for_inference`, bf16 where it is fast).
     model, processor = load_for_inference(str(model_dir), args.device)
     test_questions, _ = _questions_and_captions(_rows("test", "vqa", image_paths["test"], **question_columns))
     test_questions = _sample(test_questions, args.test_questions, args.seed)

@@ -63,7 +63,7 @@ def cpu_bf16_matmul_speedup() -> float:
 
 
 def fast_dtype(device: str | torch.device) -> torch.dtype:
-    """bfloat16 where it is native on `device`, else float32: the dtype to run a model in for speed."""
+    """bfloat16 where `bf16_is_fast(device)`, else float32: the dtype to run a model in for speed."""
     return torch.bfloat16 if bf16_is_fast(device) else torch.float32
 
 
