@@ -43,7 +43,7 @@ from .data import (
     decode_image,
     load_image_text_dataset,
 )
-from .data.easy_vqa import easy_vqa_dataset
+from .data.easy_vqa import YES_NO, easy_vqa_dataset, is_negated, question_indices
 from .demo_figures import plot_examples, plot_losses, plot_query_attention
 from .evaluation import load_metric, retrieval_recall_at_k, retrieval_scores
 from .hardware import describe_cpu
@@ -79,6 +79,10 @@ class DemoArguments:
     """Use the first N of the 4,000 training images (default: all)."""
     train_questions: int | None = 9000
     """Stage 2: questions drawn at random from those images' 38,575 (None: all)."""
+    yes_no_wording_share: float | None = None
+    """Stage 2 draws its yes/no questions so that this share of them answer as their wording suggests (plain "is
+    there a red shape?" -> no, negated -> yes; `easy_vqa.question_indices`); None draws them as they come, where the
+    wording answers 82%. 0.5 leaves only the image to answer them."""
     questions_per_image: int | None = None
     """Stage 2 draws its questions as this many about each of `train_questions / questions_per_image` images drawn
     at random (0 or None: questions drawn independently, about 2.3 per image). With `conversations`, equal numbers
@@ -158,9 +162,17 @@ def _sample(rows: datasets.Dataset, count: int | None, seed: int) -> datasets.Da
     return rows.select(sorted(random.Random(seed).sample(range(len(rows)), count)))
 
 
-def _sample_questions(rows: datasets.Dataset, count: int | None, per_image: int | None, seed: int) -> datasets.Dataset:
+def _sample_questions(
+    rows: datasets.Dataset, count: int | None, per_image: int | None, seed: int, wording_share: float | None = None
+) -> datasets.Dataset:
     """`count` question rows: drawn independently (`per_image` 0 or None), or `per_image` of them about each of
-    `count / per_image` images drawn at random; in their original order."""
+    `count / per_image` images drawn at random; in their original order. `wording_share` draws them independently,
+    that share of the yes/no ones answering as their wording suggests (`easy_vqa.question_indices`)."""
+    if wording_share is not None and count is not None:
+        if per_image:
+            raise ValueError("yes_no_wording_share draws questions independently, not with questions_per_image")
+        rng = random.Random(seed)
+        return rows.select(question_indices(rows["question"], rows["answer"], count, rng, wording_share))
     if not per_image or count is None:
         return _sample(rows, count, seed)
     by_image: dict[str, list[int]] = {}
@@ -240,17 +252,34 @@ def _accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
     return load_metric("vqa_accuracy").compute(predictions=predictions, references=references)["vqa_accuracy"]
 
 
+def _yes_no_metrics(questions: Sequence[str], references: Sequence[str], predictions: Sequence[str]) -> dict[str, Any]:
+    """Accuracy on the yes/no test questions, and what answering them from the wording alone scores (plain -> "no",
+    negated -> "yes"): where stage 2 stalls when it has not learned to read the image for them."""
+    chosen = [i for i, answer in enumerate(references) if answer in YES_NO]
+    truth = [references[i] for i in chosen]
+    return {
+        "yes_no_accuracy": _accuracy([predictions[i] for i in chosen], truth),
+        "wording_baseline": _accuracy(["yes" if is_negated(questions[i]) else "no" for i in chosen], truth),
+        "num_test_yes_no": len(chosen),
+    }
+
+
 def _table(metrics: dict[str, Any]) -> str:
-    """The final table: model vs majority baseline on the test split, then seconds per stage."""
+    """The final table: the model on the test split against its baselines, then seconds per stage."""
     rows = [
         (f"VQA accuracy ({metrics['num_test_questions']} questions)", "vqa_accuracy", "majority_baseline"),
+        (f"  yes/no ({metrics['num_test_yes_no']} of them)", "yes_no_accuracy", "wording_baseline"),
         (f"caption accuracy ({metrics['num_test_captions']} images)", "caption_accuracy", None),
     ]
     for direction, name in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
         rows += [(f"{name} R@{k}", f"{direction}_r{k}", None) for k in RECALL_KS]
-    lines = [f"{'easy-VQA test':<36}{'model':>8}{'majority':>10}"]
+    lines = [f"{'easy-VQA test':<36}{'model':>8}{'baseline':>10}"]
     for label, value, baseline in rows:
         lines.append(f"{label:<36}{metrics[value]:>8.1%}" + (f"{metrics[baseline]:>10.1%}" if baseline else ""))
+    lines.append(
+        f"baselines: the majority answer ({metrics['majority_answer']!r}); yes/no from the wording alone, without the "
+        "image (plain -> no, negated -> yes)"
+    )
     lines.append("seconds: " + ", ".join(f"{name} {value:.0f}" for name, value in metrics["seconds"].items()))
     return "\n".join(lines)
 
@@ -341,7 +370,9 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     # Stage 2 (`train-vlm`'s build + fit): Q-Former + adapter + LoRA learn to answer questions and to caption.
     question_columns = {"caption_column": None, "question_column": "question", "answer_column": "answer"}
     all_questions, captions = _questions_and_captions(_rows("train", "vqa", image_paths["train"], **question_columns))
-    questions = _sample_questions(all_questions, args.train_questions, args.questions_per_image, args.seed)
+    questions = _sample_questions(
+        all_questions, args.train_questions, args.questions_per_image, args.seed, args.yes_no_wording_share
+    )
     if args.questions_per_image:  # the caption turns go into those images' conversations
         asked = set(questions["image"])
         captions = captions.filter(lambda path: path in asked, input_columns="image")
@@ -398,6 +429,7 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
         "vqa_accuracy": _accuracy(answers, test_questions["answer"]),
         "majority_baseline": _accuracy([majority] * len(test_questions), test_questions["answer"]),
         "majority_answer": majority,
+        **_yes_no_metrics(test_questions["question"], test_questions["answer"], answers),
         "caption_accuracy": _accuracy(generated_captions, caption_images["caption"]),
         **{name: value for name, value in recall.items() if name != "mean_recall"},
         "num_test_questions": len(test_questions),

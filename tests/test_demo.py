@@ -20,6 +20,8 @@ pytest.importorskip("matplotlib")
 RATES = [
     "vqa_accuracy",
     "majority_baseline",
+    "yes_no_accuracy",
+    "wording_baseline",
     "caption_accuracy",
     "image_to_text_r1",
     "image_to_text_r5",
@@ -60,6 +62,7 @@ def test_metrics_json(demo):
     assert metrics["image_to_text_r1"] <= metrics["image_to_text_r5"]
     assert metrics["text_to_image_r1"] <= metrics["text_to_image_r5"]
     assert metrics["num_test_questions"] == 100 and metrics["num_train_questions"] == 96
+    assert 0 < metrics["num_test_yes_no"] < 100  # about three in four easy-VQA questions
     assert 0 < metrics["num_test_captions"] <= metrics["num_test_images"] <= 24  # captioned ones of the first 24
     assert list(metrics["seconds"]) == STAGES and all(s >= 0 for s in metrics["seconds"].values())
     assert metrics["arguments"]["test_questions"] == 100
@@ -152,3 +155,12 @@ def test_the_demo_says_how_long_the_default_run_takes_on_this_cpu_kind(fake_cpu)
     for slow_bf16 in ({"capability": "AVX2"}, {"bf16_speedup": 0.56}):
         fake_cpu(True, **slow_bf16)
         assert f"about {DEFAULT_RUN_MINUTES['float32']} minutes" in cpu_eta() and "float32" in cpu_eta()
+
+
+def test_yes_no_metrics_score_the_model_against_answering_from_the_wording():
+    from smolvlm_qformer.demo import _yes_no_metrics
+
+    questions = ["is there a red shape?", "is there not a circle?", "is no blue shape present?", "what color is it?"]
+    truth = ["yes", "yes", "no", "red"]
+    metrics = _yes_no_metrics(questions, truth, ["Yes.", "no", "no", "blue"])
+    assert metrics == {"yes_no_accuracy": 2 / 3, "wording_baseline": 1 / 3, "num_test_yes_no": 3}

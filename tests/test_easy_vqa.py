@@ -1,6 +1,7 @@
 """The easy-VQA source: captions derived from the questions, the two configurations, and the `--dataset easy-vqa`
 hook. The data ships in the `easy-vqa` package: nothing is downloaded."""
 
+import random
 import re
 from collections import Counter
 
@@ -8,7 +9,15 @@ import pytest
 from PIL import Image
 
 from smolvlm_qformer.data import DataArguments, load_image_text_dataset
-from smolvlm_qformer.data.easy_vqa import COLOURS, SHAPES, derive_colour_and_shape, easy_vqa_dataset, says_present
+from smolvlm_qformer.data.easy_vqa import (
+    COLOURS,
+    SHAPES,
+    derive_colour_and_shape,
+    easy_vqa_dataset,
+    is_negated,
+    question_indices,
+    says_present,
+)
 
 easy_vqa = pytest.importorskip("easy_vqa")
 
@@ -92,3 +101,42 @@ def test_selectable_as_a_dataset_source():
     assert len(questions) == 9673 + 888 and questions.dataset.column_names == ["image", "question", "answer"]
     with pytest.raises(ValueError, match="splits"):
         easy_vqa_dataset("validation")
+
+
+def _cells(questions, answers):
+    pairs = zip(questions, answers, strict=True)
+    return Counter((is_negated(q), a) if a in ("yes", "no") else "open" for q, a in pairs)
+
+
+def test_the_wording_of_easy_vqa_yes_no_questions_gives_most_answers_away():
+    """Why stage 2 draws balanced questions: in the data as it is, the question alone answers 82% of yes/no ones."""
+    questions, answers, _ = easy_vqa.get_train_questions()
+    cells = _cells(questions, answers)
+    from_wording = cells[(False, "no")] + cells[(True, "yes")]
+    assert from_wording / (from_wording + cells[(False, "yes")] + cells[(True, "no")]) > 0.8
+
+
+@pytest.mark.parametrize("wording_share", [0.5, 0.65])
+def test_questions_drawn_with_a_chosen_share_of_yes_no_answers_the_wording_gives_away(wording_share):
+    questions, answers, _ = easy_vqa.get_train_questions()
+    chosen = question_indices(questions, answers, 9001, random.Random(0), wording_share)
+    assert len(chosen) == len(set(chosen)) == 9001 and chosen == sorted(chosen)
+    cells = _cells([questions[i] for i in chosen], [answers[i] for i in chosen])
+    yes_no_share = sum(a in ("yes", "no") for a in answers) / len(answers)  # kept: 74% of easy-VQA's questions
+    assert cells["open"] == 9001 - round(9001 * yes_no_share)
+    from_wording = cells[(False, "no")] + cells[(True, "yes")]
+    from_image = cells[(False, "yes")] + cells[(True, "no")]
+    assert from_wording / (from_wording + from_image) == pytest.approx(wording_share, abs=1e-3)
+    for cells_alike in ((False, "no"), (True, "yes")), ((False, "yes"), (True, "no")):  # half plain, half negated
+        assert abs(cells[cells_alike[0]] - cells[cells_alike[1]]) <= 1
+    assert chosen == question_indices(questions, answers, 9001, random.Random(0), wording_share)
+    assert chosen != question_indices(questions, answers, 9001, random.Random(1), wording_share)
+
+
+def test_questions_drawn_stop_short_when_a_cell_runs_out():
+    questions = ["is there a red shape?"] * 3 + ["is there not a red shape?"] * 3 + ["what color is the shape?"]
+    answers = ["yes", "no", "no", "yes", "yes", "no", "red"]
+    chosen = question_indices(questions, answers, 14, random.Random(0), 0.5)
+    assert _cells([questions[i] for i in chosen], [answers[i] for i in chosen]) == Counter(
+        {(False, "yes"): 1, (False, "no"): 2, (True, "yes"): 2, (True, "no"): 1, "open": 1}
+    )

@@ -14,9 +14,10 @@ Two configurations, in the canonical columns image (a file path), caption, quest
 from __future__ import annotations
 
 import logging
+import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import datasets
 
@@ -35,12 +36,17 @@ def caption(colour: str, shape: str) -> str:
     return f"a {colour} {shape}"
 
 
+def is_negated(question: str) -> bool:
+    """Whether a yes/no question asks about absence ("is there not a red shape?", "is no circle present?")."""
+    return bool(set(re.findall(r"[a-z]+", question.lower())) & NEGATIONS)
+
+
 def says_present(question: str, answer: str) -> bool | None:
     """For a yes/no question, whether its answer says the colour or shape the question names is in the image (a
     negation flips the answer: "is there not a red shape?" "no" -> present); None for colour and shape questions."""
     if answer not in YES_NO:
         return None
-    return (answer == "yes") != bool(set(re.findall(r"[a-z]+", question.lower())) & NEGATIONS)
+    return (answer == "yes") != is_negated(question)
 
 
 def _resolve(kind: str, values: tuple[str, ...], stated: set[str], ruled_out: set[str]) -> tuple[str | None, str]:
@@ -78,6 +84,35 @@ def derive_colour_and_shape(qa_pairs: Iterable[tuple[str, str]]) -> tuple[str | 
         _resolve(kind, values, stated[kind], ruled_out[kind]) for kind, values in vocabularies.items()
     )
     return colour, shape, (colour_source, shape_source)
+
+
+def question_indices(
+    questions: Sequence[str], answers: Sequence[str], count: int, rng: random.Random, wording_share: float
+) -> list[int]:
+    """`count` question indices drawn so that `wording_share` of the yes/no ones answer as their wording suggests.
+
+    easy-VQA's yes/no questions mostly name a colour or shape the image lacks, so 82% of plain questions ("is there
+    a red shape?") answer "no" and 82% of negated ones ("is there not a red shape?") "yes": a model that ignores the
+    image scores 82% on them (about 87% of all questions), and that is where stage 2 stalls when it does. This draws
+    the yes/no questions from the four (negated, answer) cells: `wording_share` of them, half plain, half negated,
+    from the two cells the wording predicts (plain "no", negated "yes"), the rest from the two only the image answers;
+    0.5 hides the answer from the wording entirely (the language-prior balancing of VQA v2). The share of yes/no vs
+    colour / shape questions stays the data's. Sorted; fewer than `count` if a cell runs out.
+    """
+    cells: dict[tuple[bool, str] | None, list[int]] = defaultdict(list)
+    for index, (question, answer) in enumerate(zip(questions, answers, strict=True)):
+        cells[(is_negated(question), answer) if answer in YES_NO else None].append(index)
+    yes_no = round(count * (len(questions) - len(cells[None])) / max(len(questions), 1))
+    from_wording = round(yes_no * wording_share)
+    quotas = {
+        None: count - yes_no,
+        (False, "no"): from_wording // 2,
+        (True, "yes"): from_wording - from_wording // 2,
+        (False, "yes"): (yes_no - from_wording) // 2,
+        (True, "no"): yes_no - from_wording - (yes_no - from_wording) // 2,
+    }
+    chosen = [i for cell, quota in quotas.items() for i in rng.sample(cells[cell], min(quota, len(cells[cell])))]
+    return sorted(chosen)
 
 
 def easy_vqa_dataset(split: str = "train", config: str | None = None) -> datasets.Dataset:
