@@ -168,9 +168,9 @@ def _sample_questions(
     """`count` question rows: drawn independently (`per_image` 0 or None), or `per_image` of them about each of
     `count / per_image` images drawn at random; in their original order. `wording_share` draws them independently,
     that share of the yes/no ones answering as their wording suggests (`easy_vqa.question_indices`)."""
-    if wording_share is not None and count is not None:
-        if per_image:
-            raise ValueError("yes_no_wording_share draws questions independently, not with questions_per_image")
+    if wording_share is not None:
+        if per_image or count is None:
+            raise ValueError("yes_no_wording_share needs a train_questions count drawn without questions_per_image")
         rng = random.Random(seed)
         return rows.select(question_indices(rows["question"], rows["answer"], count, rng, wording_share))
     if not per_image or count is None:
