@@ -459,7 +459,7 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
                 "task": "visual-question-answering",
                 "dataset": "easy-vqa",
                 "split": "test",
-                "metrics": {name: metrics[name] for name in ("vqa_accuracy", "caption_accuracy")},
+                "metrics": {name: metrics[name] for name in ("vqa_accuracy", "yes_no_accuracy", "caption_accuracy")},
             }
         },
         base_models=BASE_MODELS,

@@ -78,7 +78,7 @@ def test_figures_and_model_card(demo):
     for name in ("examples.png", "loss_curves.png", "query_attention.png"):
         assert (output_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     card = (output_dir / "model" / "README.md").read_text()
-    assert "easy-vqa" in card and "vqa_accuracy" in card
+    assert "easy-vqa" in card and "vqa_accuracy" in card and "yes_no_accuracy" in card
     assert (output_dir / "model" / "adapter" / "adapter_config.json").exists()
 
 
