@@ -43,7 +43,7 @@ from .data import (
     decode_image,
     load_image_text_dataset,
 )
-from .data.easy_vqa import YES_NO, easy_vqa_dataset, is_negated, question_indices
+from .data.easy_vqa import YES_NO, easy_vqa_dataset, question_indices, wording_answer
 from .demo_figures import plot_examples, plot_losses, plot_query_attention
 from .evaluation import load_metric, retrieval_recall_at_k, retrieval_scores
 from .hardware import describe_cpu
@@ -260,7 +260,7 @@ def _yes_no_metrics(questions: Sequence[str], references: Sequence[str], predict
     truth = [references[i] for i in chosen]
     return {
         "yes_no_accuracy": _accuracy([predictions[i] for i in chosen], truth),
-        "wording_baseline": _accuracy(["yes" if is_negated(questions[i]) else "no" for i in chosen], truth),
+        "wording_baseline": _accuracy([wording_answer(questions[i]) for i in chosen], truth),
         "num_test_yes_no": len(chosen),
     }
 

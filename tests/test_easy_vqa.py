@@ -109,7 +109,7 @@ def _cells(questions, answers):
 
 
 def test_the_wording_of_easy_vqa_yes_no_questions_gives_most_answers_away():
-    """Why stage 2 draws balanced questions: in the data as it is, the question alone answers 82% of yes/no ones."""
+    """Why the demo reports (and can change) this share: in the data as it is, the wording answers 82% of them."""
     questions, answers, _ = easy_vqa.get_train_questions()
     cells = _cells(questions, answers)
     from_wording = cells[(False, "no")] + cells[(True, "yes")]
