@@ -117,6 +117,18 @@ def test_demo_command_and_flags():
     assert (args.output_dir, args.test_questions, args.device) == ("out", 5, "cpu")
 
 
+def test_the_yes_no_wording_share_defaults_to_its_measured_value_where_questions_are_drawn_independently():
+    from smolvlm_qformer.demo import DEFAULT_YES_NO_WORDING_SHARE
+
+    def share(*argv: str) -> float | None:
+        return parse_arguments((DemoArguments,), list(argv))[0].yes_no_wording_share
+
+    assert share() == DEFAULT_YES_NO_WORDING_SHARE == 0.65
+    assert share("--yes_no_wording_share", "0.5") == 0.5
+    assert share("--questions_per_image", "3") is None  # per image: as they come
+    assert DemoArguments(train_questions=None).yes_no_wording_share is None  # every question: as they come
+
+
 def test_conversation_mode_groups_each_images_caption_and_questions():
     import datasets
 
