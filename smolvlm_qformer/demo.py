@@ -65,8 +65,8 @@ DEFAULT_RUN_MINUTES = {"bf16": "13-16", "float32": "28-56"}
 # easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short (rows are padded to the longest
 # one, as `train-vlm` pads them)
 DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8}
-# Stage 2's yes/no questions answer as worded this often by default: three seeds reached 99.0-99.5% test VQA on an
-# Intel Xeon with AMX (README, "Quick start"), where easy-VQA's own 0.82 left two seeds of three at 85-87%
+# Stage 2's yes/no questions answer as worded this often by default: no run at 0.65 ended on the yes/no plateau where
+# easy-VQA's own 0.82 left two seeds of three at 85-87% on an Intel Xeon with AMX (README, "Quick start")
 DEFAULT_YES_NO_WORDING_SHARE = 0.65
 
 
