@@ -124,6 +124,10 @@ class DemoArguments:
     it, later turns are learned from the text before them rather than from the image (easy-VQA's questions about one
     image answer each other: "what colour?" answers "is there a red shape?"), and single-question test accuracy drops
     (README, "Quick start")."""
+    train_qformer: bool = False
+    """Stage 2 trains the Q-Former's query path too (`ModelArguments.train_qformer`). Off: at the stage-2 learning
+    rate its image outputs could collapse to one soft prompt within 50 steps, the same for every image, after which
+    stage 2 sometimes never learned to read the image (README, "Quick start")."""
     stage1_learning_rate: float = 2e-4
     stage2_learning_rate: float = 2e-4
     num_query_tokens: int = 8
@@ -302,6 +306,7 @@ def _model_args(args: DemoArguments, backbones: AssetPaths) -> ModelArguments:
         lora_alpha=2 * args.lora_r,
         lora_dropout=0.0,  # one short epoch does not overfit, and LoRA dropout is a large share of a CPU step
         lora_target_modules=args.lora_target_modules,
+        train_qformer=args.train_qformer,
         frozen_lm_dtype=args.frozen_lm_dtype,
         lm_attn_implementation=args.lm_attn_implementation,
     )

@@ -855,9 +855,11 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
     _tp_plan = {"lm_head": "colwise_gather_output"}
     new_parameters = r"\.adapter\.|lora_"
     """Stage 2's parameters that start from scratch (they train at `new_parts_learning_rate`)."""
-    trained_modules = ["qformer.queries", "qformer.embeddings.LayerNorm", "qformer.transformer", "adapter"]
-    """Stage 2 trains these in full (peft's `modules_to_save`), besides LoRA on the LM: the Q-Former's query path.
-    Its word and position embeddings are left frozen: the query path never reads them."""
+    qformer_trained_modules = ["qformer.queries", "qformer.embeddings.LayerNorm", "qformer.transformer"]
+    """The Q-Former's query path. Its word and position embeddings are left frozen: the query path never reads them."""
+    trained_modules = [*qformer_trained_modules, "adapter"]
+    """Stage 2 trains these in full (peft's `modules_to_save`), besides LoRA on the LM: the Q-Former's query path
+    and the adapter (only the adapter with `ModelArguments.train_qformer=False`)."""
 
     def __init__(self, config: SmolVLMQFormerConfig):
         super().__init__(config)

@@ -185,9 +185,16 @@ def test_labels_cover_exactly_the_answer_and_end_of_turn_for_every_prompt(proces
         assert len(seen) == len(prompts.system_prompts) * len(prompts.caption_prompts)
 
 
-@pytest.mark.parametrize("targets", [LORA_TARGET_MODULES, LORA_ALL_LINEAR_MODULES], ids=["attention", "all-linear"])
-def test_stage2_changes_only_qformer_adapter_and_lora(backbones, shapes, processor, tmp_path, targets):
-    model, processor = build_stage2(_model_args(backbones, lora_r=4, lora_alpha=8, lora_target_modules=targets))
+@pytest.mark.parametrize(
+    ("targets", "train_qformer"),
+    [(LORA_TARGET_MODULES, True), (LORA_ALL_LINEAR_MODULES, True), (LORA_ALL_LINEAR_MODULES, False)],
+    ids=["attention", "all-linear", "all-linear-qformer-frozen"],
+)
+def test_stage2_changes_only_qformer_adapter_and_lora(backbones, shapes, processor, tmp_path, targets, train_qformer):
+    model_args = _model_args(
+        backbones, lora_r=4, lora_alpha=8, lora_target_modules=targets, train_qformer=train_qformer
+    )
+    model, processor = build_stage2(model_args)
     lora_layers = {name.split(".")[-4] for name, _ in model.named_parameters() if "lora_A" in name}
     attention, mlp = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
     assert lora_layers == (attention | mlp if targets == LORA_ALL_LINEAR_MODULES else attention)
@@ -203,14 +210,19 @@ def test_stage2_changes_only_qformer_adapter_and_lora(backbones, shapes, process
     trainer.train()
     changed = {name for name, param in model.named_parameters() if not torch.equal(param, before[name])}
     frozen = {n for n in before if "vision_model" in n or ("language_model" in n and "lora_" not in n)}
+    if not train_qformer:
+        frozen |= {n for n in before if "qformer" in n}
     assert not changed & frozen, "frozen weights changed"
     assert all(model.get_parameter(name).requires_grad for name in changed)
-    for part in ("qformer.queries.modules_to_save.default", "crossattention", "adapter", "lora_B"):
+    trained_parts = ["adapter", "lora_B"]
+    if train_qformer:
+        trained_parts += ["qformer.queries.modules_to_save.default", "crossattention"]
+    for part in trained_parts:
         assert any(part in name for name in changed), f"no {part} weight was trained"
     # the Q-Former's text embeddings are never read by the query path: frozen, and not in the adapter
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert not any("word_embeddings" in name or "position_embeddings" in name for name in trainable)
-    assert any("qformer.embeddings.LayerNorm.modules_to_save" in name for name in trainable)
+    assert any("qformer.embeddings.LayerNorm.modules_to_save" in name for name in trainable) == train_qformer
 
 
 class _StopAt(TrainerCallback):

@@ -35,6 +35,10 @@ class ModelArguments:
     lora_dropout: float = 0.1
     lora_target_modules: str = LORA_TARGET_MODULES
     """Regex over full module names: the LM's attention projections; `LORA_ALL_LINEAR_MODULES` adds its MLP."""
+    train_qformer: bool = True
+    """Stage 2 trains the Q-Former's query path along with the adapter and LoRA (BLIP-2's recipe). False keeps it
+    as stage 1 left it: on the demo's data, training it at the stage-2 learning rate sometimes erased what stage 1
+    aligned within 50 steps, so that the model never learned to read the image (README, "Quick start")."""
     frozen_lm_dtype: str | None = None
     """Stage 2: hold the frozen LM weights in this dtype ("bfloat16", "float32", or "auto": bfloat16 where the device
     runs it natively and faster, see `hardware.bf16_is_fast`); LoRA and the saved, merged model stay float32.

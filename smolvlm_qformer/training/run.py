@@ -53,8 +53,8 @@ def build_stage1(model_args: ModelArguments) -> tuple[SmolVLMQFormerForImageText
 
 def build_stage2(model_args: ModelArguments, device: str = "cpu") -> tuple[PeftModel, SmolVLMQFormerProcessor]:
     """The generation model from the stage-1 folder (or fresh backbones), wrapped for LoRA: the LM's projections
-    that `lora_target_modules` names get LoRA, the Q-Former's query path and the adapter train in full
-    (`SmolVLMQFormerForConditionalGeneration.trained_modules`), the rest is frozen (the frozen LM in
+    that `lora_target_modules` names get LoRA, the adapter and (with `train_qformer`) the Q-Former's query path train
+    in full (`SmolVLMQFormerForConditionalGeneration.trained_modules`), the rest is frozen (the frozen LM in
     `frozen_lm_dtype` for `device`, with `lm_attn_implementation`)."""
     if model_args.stage1_model is not None:
         # trust_remote_code: the folder carries our own code; without it, transformers asks on a terminal (15 s)
@@ -78,7 +78,7 @@ def build_stage2(model_args: ModelArguments, device: str = "cpu") -> tuple[PeftM
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules,
-        modules_to_save=SmolVLMQFormerForConditionalGeneration.trained_modules,
+        modules_to_save=_trained_modules(model_args.train_qformer),
     )
     model = get_peft_model(model, lora)
     if model_args.frozen_lm_dtype is not None:
@@ -89,6 +89,12 @@ def build_stage2(model_args: ModelArguments, device: str = "cpu") -> tuple[PeftM
             if not param.requires_grad:  # LoRA's own weights stay float32
                 param.data = param.data.to(dtype)
     return model, processor
+
+
+def _trained_modules(train_qformer: bool) -> list[str]:
+    """Stage 2's `modules_to_save`: the model's `trained_modules`, less the Q-Former's unless `train_qformer`."""
+    model = SmolVLMQFormerForConditionalGeneration
+    return [m for m in model.trained_modules if train_qformer or m not in model.qformer_trained_modules]
 
 
 def parameter_summary(model) -> dict[str, dict[str, int]]:
