@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from smolvlm_qformer.assets import AssetPaths
@@ -71,6 +72,20 @@ def test_metrics_json(demo):
 def test_the_tiny_demo_beats_its_majority_answer(demo):
     _, metrics = demo
     assert metrics["vqa_accuracy"] > metrics["majority_baseline"] + 0.05
+
+
+def test_stage2_keeps_the_qformer_stage1_trained(demo):
+    """The demo's default (`train_qformer` off): the saved model's Q-Former is stage 1's, weight for weight."""
+    output_dir, _ = demo
+    stage1 = load_file(output_dir / "stage1" / "model.safetensors")
+    stage2 = load_file(output_dir / "model" / "model.safetensors")
+    qformer1 = {name: value for name, value in stage1.items() if name.startswith("qformer.")}
+    qformer2 = {
+        name.removeprefix("model."): value for name, value in stage2.items() if name.startswith("model.qformer.")
+    }
+    assert qformer1 and qformer1.keys() == qformer2.keys()
+    assert all(torch.equal(qformer1[name], qformer2[name]) for name in qformer1)
+    assert any(name.startswith("model.adapter.") for name in stage2)
 
 
 def test_figures_and_model_card(demo):
