@@ -313,7 +313,7 @@ def demo_command(argv: list[str]) -> None:
 
 
 COMMANDS = {
-    "demo": (demo_command, "train both stages on easy-VQA with offline backbones and evaluate (about 15 min on a CPU)"),
+    "demo": (demo_command, "train both stages on easy-VQA offline and evaluate (11-56 min on 2 cores)"),
     "train-qformer": (train_qformer_command, "stage 1: align the Q-Former with the vision encoder (ITC/ITM/ITG)"),
     "train-vlm": (train_vlm_command, "stage 2: Q-Former + MLP adapter + LoRA on the LM loss"),
     "cache-features": (cache_features_command, "run the frozen vision encoder once and store its outputs"),

@@ -58,21 +58,22 @@ logger = logging.getLogger(__name__)
 BASE_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2")
 RECALL_KS = (1, 5)
 # The default run's minutes on 2 cores (README, "Quick start"), for the ETA printed at the start: where bf16 is fast,
-# 13 on an AMD EPYC (AVX512-BF16) and 16 on an Intel Xeon (AMX); in float32, 28 on an Intel Xeon whose bf16 is slower
-# (AVX512-BF16, no AMX) and 36-56 on an AMD EPYC with AVX2 only (56 in an hour when that machine took 5 s a step
-# instead of 3.2)
-DEFAULT_RUN_MINUTES = {"bf16": "13-16", "float32": "28-56"}
+# 11 on an Intel Xeon (AMX) with the Q-Former frozen in stage 2, where that CPU kind's slower hours gave 13-15 with it
+# trained; in float32 (measured with it trained), 28 on an Intel Xeon whose bf16 is slower (AVX512-BF16, no AMX) and
+# 36-56 on an AMD EPYC with AVX2 only (56 in an hour when that machine took 5 s a step instead of 3.2)
+DEFAULT_RUN_MINUTES = {"bf16": "11-15", "float32": "28-56"}
 # easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short (rows are padded to the longest
 # one, as `train-vlm` pads them)
 DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8}
-# Stage 2's yes/no questions answer as worded this often by default: no run at 0.65 ended on the yes/no plateau where
-# easy-VQA's own 0.82 left two seeds of three at 85-87% on an Intel Xeon with AMX (README, "Quick start")
+# Stage 2's yes/no questions answer as worded this often by default: with the Q-Former trained, no run at 0.65 ended on
+# the yes/no plateau where easy-VQA's own 0.82 left two seeds of three at 85-87% on an Intel Xeon with AMX (README,
+# "Quick start")
 DEFAULT_YES_NO_WORDING_SHARE = 0.65
 
 
 @dataclass
 class DemoArguments:
-    """What the demo trains on, for how long, and where it writes. The defaults take 13-16 minutes on a 2-core CPU
+    """What the demo trains on, for how long, and where it writes. The defaults take 11-15 minutes on a 2-core CPU
     where bf16 is fast, 28-56 elsewhere (README, "Quick start")."""
 
     output_dir: str | None = None
@@ -130,6 +131,8 @@ class DemoArguments:
     stage 2 sometimes never learned to read the image (README, "Quick start")."""
     stage1_learning_rate: float = 2e-4
     stage2_learning_rate: float = 2e-4
+    """The Q-Former's (with `train_qformer`); the adapter and LoRA train at 5x (`new_parts_learning_rate`). 4e-4 took
+    one seed off the yes/no plateau and put two others on it (README, "Quick start")."""
     num_query_tokens: int = 8
     lora_r: int = 16
     lora_target_modules: str = LORA_ALL_LINEAR_MODULES
