@@ -443,3 +443,56 @@ def test_independent_turns_with_images_of_their_own_are_a_counted_skip(processor
         batch = ChatCollator(processor, independent_turns=True)([row, _questions_about(_png(BLUE), 1)])
     assert batch["num_skipped"].item() == 1 and "images of its own" in caplog.text
     assert batch["input_ids"].shape[0] == 1
+
+
+def test_lengths_measure_the_text_without_reading_images():
+    import datasets
+
+    from smolvlm_qformer.data import IndexedDataset
+
+    rows = datasets.Dataset.from_list(
+        [
+            {"image": {"bytes": b"not an image", "path": None}, "caption": "a red square"},
+            {"image": {"bytes": b"not an image", "path": None}, "caption": "red"},
+        ]
+    )
+    assert IndexedDataset(rows).lengths() == [12, 3]
+    messages = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}]
+    conversations = datasets.Dataset.from_dict({"images": [[]], "messages": [messages]})
+    assert IndexedDataset(conversations).lengths() == [len("user") + 2 + len("assistant") + 1]
+
+
+def test_group_by_length_batches_conversations_of_similar_length(processor, tmp_path):
+    """Trainer's `group_by_length` batches stage 2's conversations of 1-4 turns by length (their text, as
+    `IndexedDataset.lengths` measures it), so batches pad far less than batches drawn at random."""
+    import datasets
+
+    from smolvlm_qformer.data import IndexedDataset
+    from smolvlm_qformer.training import SmolVLMTrainingArguments, VLMTrainer
+    from smolvlm_qformer.training.arguments import GROUP_BY_LENGTH
+
+    rows = [_questions_about(_png(RED), i, QUESTIONS[: i % 4]) for i in range(128)]
+    rows = [
+        {"image": r["image"], "messages": [{**m, "content": _as_parts(m["content"])} for m in r["messages"]]}
+        for r in rows
+    ]
+    dataset = IndexedDataset(datasets.Dataset.from_list(rows))
+    prompts = PromptConfig(system_prompts=["Answer briefly."], caption_prompts=["Describe it."])
+
+    def padding(**sampling) -> tuple[int, int]:
+        args = SmolVLMTrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[], seed=0, **sampling
+        )
+        model = tiny_generation_model(tiny_config(processor))
+        trainer = VLMTrainer(
+            model=model, args=args, train_dataset=dataset, data_collator=ChatCollator(processor, prompts=prompts)
+        )
+        batches = list(trainer.get_train_dataloader())
+        assert sum(len(batch["input_ids"]) for batch in batches) == 128
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)  # the same rows, in another order
+        return tokens, sum(batch["attention_mask"].numel() for batch in batches) - tokens
+
+    tokens, random_padding = padding()
+    grouped_tokens, grouped_padding = padding(**GROUP_BY_LENGTH)
+    assert grouped_tokens == tokens and random_padding > 0
+    assert grouped_padding < random_padding / 4

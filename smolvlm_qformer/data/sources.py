@@ -22,6 +22,7 @@ from .feature_cache import FeatureCache
 
 logger = logging.getLogger(__name__)
 
+IMAGE_COLUMNS = ("image", "images")
 # Sources built in-process instead of by `load_dataset`: `--dataset` name -> (split, `--dataset_config`) -> Dataset.
 LOCAL_SOURCES: dict[str, Callable[[str, str | None], datasets.Dataset]] = {"easy-vqa": easy_vqa_dataset}
 
@@ -82,7 +83,7 @@ class IndexedDataset:
     def __init__(self, dataset: datasets.Dataset, feature_cache: FeatureCache | None = None, empty_text_rows: int = 0):
         self.image_indices: list[list[int]] = []
         if feature_cache is not None:
-            image_columns = [c for c in ("image", "images") if c in dataset.column_names]
+            image_columns = [c for c in IMAGE_COLUMNS if c in dataset.column_names]
             for index, row in enumerate(dataset.select_columns(image_columns)):
                 try:
                     self.image_indices.append(feature_cache.lookup(row_images(row)))
@@ -103,6 +104,12 @@ class IndexedDataset:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def lengths(self) -> list[int]:
+        """Each row's number of text characters, a proxy for its tokens that reads no image: what batching rows of
+        similar length together (Trainer's `group_by_length`) sorts by."""
+        text = self.dataset.select_columns([c for c in self.dataset.column_names if c not in IMAGE_COLUMNS])
+        return [_text_length(row) for row in text]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = {**self.dataset[index], "sample_index": index, "epoch": self.epoch}
         if self.feature_cache is not None:
@@ -110,6 +117,15 @@ class IndexedDataset:
             features, valid = self.feature_cache.get(indices) if indices else ([], torch.ones(0, dtype=torch.bool))
             row["vision_hidden_states"] = list(features) if valid.all() else None  # None: an image was unreadable
         return row
+
+
+def _text_length(value: Any) -> int:
+    """The characters of every string in a row (nested lists and dicts included, as in conversations)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    return sum(_text_length(item) for item in value) if isinstance(value, list) else 0
 
 
 def load_image_text_dataset(args: DataArguments, split: str) -> IndexedDataset | datasets.IterableDataset:
@@ -190,7 +206,7 @@ def _canonical_columns(dataset: datasets.Dataset | datasets.IterableDataset, arg
         )
     dataset = dataset.select_columns(list(wanted))
     dataset = dataset.rename_columns({s: t for s, t in wanted.items() if s != t})
-    for name in ("image", "images"):  # decoded (or skipped) by the collator
+    for name in IMAGE_COLUMNS:  # decoded (or skipped) by the collator
         feature = (dataset.features or {}).get(name)
         if isinstance(feature, datasets.Image):
             dataset = dataset.cast_column(name, datasets.Image(decode=False))

@@ -16,6 +16,18 @@ CHECKPOINTING_KWARGS = next(
     if name in TrainingArguments.__dataclass_fields__
 )
 
+# transformers 5 replaced `group_by_length=True` with `train_sampling_strategy="group_by_length"`
+GROUP_BY_LENGTH = (
+    {"train_sampling_strategy": "group_by_length"}
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__
+    else {"group_by_length": True}
+)
+
+
+def groups_by_length(args: TrainingArguments) -> bool:
+    """Whether `args` ask for batches of rows of similar length (`GROUP_BY_LENGTH`)."""
+    return all(getattr(args, name, None) == value for name, value in GROUP_BY_LENGTH.items())
+
 
 @dataclass
 class ModelArguments:

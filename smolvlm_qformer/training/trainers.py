@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import EvalPrediction
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from ..data.sources import IndexedDataset
+from .arguments import groups_by_length
 from .checkpointing import AtomicCheckpointTrainer
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,15 @@ class _SmolVLMTrainer(AtomicCheckpointTrainer):
             loss = sum(p.flatten()[0] for p in model.parameters() if p.requires_grad) * 0.0
             return (loss, None) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Trainer's sampler; with `group_by_length`, also for an `IndexedDataset`, whose raw rows Trainer cannot
+        measure (it reads a length column or `input_ids`): grouped by `IndexedDataset.lengths`."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if groups_by_length(self.args) and isinstance(dataset, IndexedDataset):
+            batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch_size, lengths=dataset.lengths())
+        return super()._get_train_sampler(train_dataset)
 
     def _accumulate(self, **metrics: float) -> None:
         for name, value in metrics.items():
