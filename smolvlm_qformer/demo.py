@@ -52,7 +52,6 @@ from .model_card import write_model_card
 from .modeling_smolvlm_qformer import LORA_ALL_LINEAR_MODULES
 from .processing_smolvlm_qformer import DEFAULT_CAPTION_PROMPT
 from .training import ModelArguments, SmolVLMTrainingArguments, build_stage1, build_stage2, fit_stage1, fit_stage2
-from .training.arguments import GROUP_BY_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +244,8 @@ def _training_args(
     learning_rate: float,
     weight_decay: float = 0.01,
     warmup_steps: int = 10,
-    group_by_length: bool = False,
 ) -> SmolVLMTrainingArguments:
     return SmolVLMTrainingArguments(
-        **(GROUP_BY_LENGTH if group_by_length else {}),
         output_dir=str(output_dir),
         num_train_epochs=epochs,
         per_device_train_batch_size=batch_size,
@@ -419,7 +416,6 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
             args.stage2_learning_rate,
             args.stage2_weight_decay,
             args.stage2_warmup_steps,
-            group_by_length=args.conversations,
         )
         conversations = _conversations(stage2_rows) if args.conversations else stage2_rows
         train = IndexedDataset(conversations, caches["train"])
