@@ -65,6 +65,7 @@ DEFAULT_RUN_MINUTES = {"bf16": "11-15", "float32": "28-56"}
 # easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short (rows are padded to the longest
 # one, as `train-vlm` pads them)
 DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8}
+QUESTION_COLUMNS = {"caption_column": None, "question_column": "question", "answer_column": "answer"}
 # Stage 2's yes/no questions answer as worded this often by default: with the Q-Former trained, no run at 0.65 ended on
 # the yes/no plateau where easy-VQA's own 0.82 left two seeds of three at 85-87% on an Intel Xeon with AMX (README,
 # "Quick start")
@@ -86,14 +87,14 @@ class DemoArguments:
     """Stage 2: questions drawn at random from those images' 38,575 (None: all)."""
     yes_no_wording_share: float | None = None
     """Stage 2 draws its yes/no questions so that this share of them answer as their wording suggests (plain "is
-    there a red shape?" -> no, negated -> yes; `easy_vqa.question_indices`). Default: 0.65 where the questions are
-    drawn independently (`train_questions` set, no `questions_per_image`), else as they come. easy-VQA as it comes
+    there a red shape?" -> no, negated -> yes; `easy_vqa.question_indices`). Default: 0.65 where `train_questions` is
+    set, else as they come (all of them). easy-VQA as it comes
     answers 82% as worded, and there stage 2 sometimes learned yes/no from the wording only; 0.5 leaves only the image
     to answer them, and stage 2 learned them slower still (README, "Quick start")."""
     questions_per_image: int | None = None
     """Stage 2 draws its questions as this many about each of `train_questions / questions_per_image` images drawn
-    at random (0 or None: questions drawn independently, about 2.3 per image). With `conversations`, equal numbers
-    give conversations of equal length, which pad little."""
+    at random (0: questions drawn independently, about 2.3 per image). Default: 3 with `conversations` (conversations
+    of equal length, which pad little), else 0."""
     train_captions: int | None = 600
     """Stage 2: caption rows drawn at random alongside the questions (None: every captioned image; with
     `questions_per_image`, of the images asked about)."""
@@ -107,20 +108,21 @@ class DemoArguments:
     stage1_epochs: float = 2.0
     stage2_epochs: float = 1.0
     stage1_batch_size: int = 32
-    stage2_batch_size: int = 16
-    """Rows per stage-2 step (images, with `conversations`). Stage 2 takes more, smaller steps: at 32 rows its loss
-    stalls where answering yes/no needs no image."""
+    stage2_batch_size: int | None = None
+    """Rows per stage-2 step (images, with `conversations`). Default: 5 images of 3 questions with `conversations`,
+    else 16 rows: about 16 answers a step either way. Stage 2 takes more, smaller steps: at 32 rows its loss stalls
+    where answering yes/no needs no image."""
     stage2_weight_decay: float = 0.01
     """AdamW's decoupled weight decay in stage 2 (stage 1: 0.01). 1.0 lifted some seeds, not all, off the plateau
     where yes/no is answered from the question, and dropped others onto it (README, "Quick start")."""
     stage2_warmup_steps: int = 10
     """Stage-2 learning-rate warm-up (stage 1: 10 steps). A longer one rescued a run that never learned to read the
     image and failed another seed (README, "Quick start")."""
-    conversations: bool = False
+    conversations: bool = True
     """Stage 2 trains one conversation per image (its caption and questions as turns, in a new order each epoch), so
-    the image embeddings and the system prompt are computed once per image, not once per question. Not the default:
-    with the Q-Former frozen and 6 images a step it passed every seed measured, but the default draw gives 1-9 turns
-    an image and each batch pads to its longest, so a step cost more than 16 rows (README, "Quick start")."""
+    the image embeddings and the system prompt are computed once per image, not once per question: with 3 questions
+    an image, a step of about 16 answers costs 0.7x a step of 16 rows, and every seed measured passed where rows left
+    one on the yes/no plateau (README, "Quick start"). `--conversations false` trains on rows."""
     independent_turns: bool = True
     """With `conversations`: each question is learned as if asked alone (`DataArguments.independent_turns`). Without
     it, later turns are learned from the text before them rather than from the image (easy-VQA's questions about one
@@ -159,7 +161,11 @@ class DemoArguments:
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.lm_attn_implementation is None and self.device == "cpu":
             self.lm_attn_implementation = "eager"
-        if self.yes_no_wording_share is None and self.train_questions is not None and not self.questions_per_image:
+        if self.questions_per_image is None:
+            self.questions_per_image = 3 if self.conversations else 0
+        if self.stage2_batch_size is None:
+            self.stage2_batch_size = 5 if self.conversations else 16
+        if self.yes_no_wording_share is None and self.train_questions is not None:
             self.yes_no_wording_share = DEFAULT_YES_NO_WORDING_SHARE
 
 
@@ -182,13 +188,17 @@ def _sample_questions(
     rows: datasets.Dataset, count: int | None, per_image: int | None, seed: int, wording_share: float | None = None
 ) -> datasets.Dataset:
     """`count` question rows: drawn independently (`per_image` 0 or None), or `per_image` of them about each of
-    `count / per_image` images drawn at random; in their original order. `wording_share` draws them independently,
-    that share of the yes/no ones answering as their wording suggests (`easy_vqa.question_indices`)."""
+    `count / per_image` images drawn at random; in their original order. With `wording_share`, that share of the
+    yes/no ones answer as their wording suggests (`easy_vqa.question_indices`)."""
     if wording_share is not None:
-        if per_image or count is None:
-            raise ValueError("yes_no_wording_share needs a train_questions count drawn without questions_per_image")
+        if count is None:
+            raise ValueError("yes_no_wording_share needs a train_questions count")
         rng = random.Random(seed)
-        return rows.select(question_indices(rows["question"], rows["answer"], count, rng, wording_share))
+        images = rows["image"] if per_image else None
+        chosen = question_indices(
+            rows["question"], rows["answer"], count, rng, wording_share, images, per_image or None
+        )
+        return rows.select(chosen)
     if not per_image or count is None:
         return _sample(rows, count, seed)
     by_image: dict[str, list[int]] = {}
@@ -234,6 +244,52 @@ def _conversations(rows: datasets.Dataset) -> datasets.Dataset:
     for conversation in turns.values():
         conversation[0]["content"].insert(0, {"type": "image"})
     return datasets.Dataset.from_dict({"image": list(turns), "messages": list(turns.values())})
+
+
+@dataclass
+class Stage2Data:
+    """What stage 2 trains on: `train` holds question and caption rows, or one conversation per image."""
+
+    train: datasets.Dataset
+    num_questions: int
+    num_captions: int
+    majority_answer: str
+    """The commonest answer among all the training questions (the test's majority baseline)."""
+
+
+def stage2_data(args: DemoArguments, image_paths: set[str]) -> Stage2Data:
+    """Stage 2's questions and captions about `image_paths`, drawn as `args` says (`train_questions`,
+    `questions_per_image`, `yes_no_wording_share`, `train_captions`), grouped by image with `conversations`."""
+    all_questions, captions = _questions_and_captions(_rows("train", "vqa", image_paths, **QUESTION_COLUMNS))
+    questions = _sample_questions(
+        all_questions, args.train_questions, args.questions_per_image, args.seed, args.yes_no_wording_share
+    )
+    if args.questions_per_image:  # the caption turns go into those images' conversations
+        asked = set(questions["image"])
+        captions = captions.filter(lambda path: path in asked, input_columns="image")
+    captions = _sample(captions, args.train_captions, args.seed)
+    rows = datasets.concatenate_datasets([questions, captions])
+    return Stage2Data(
+        train=_conversations(rows) if args.conversations else rows,
+        num_questions=len(questions),
+        num_captions=len(captions),
+        majority_answer=Counter(all_questions["answer"]).most_common(1)[0][0],
+    )
+
+
+def stage2_data_args(args: DemoArguments, output_dir: Path) -> DataArguments:
+    """How stage 2 encodes the demo's rows or conversations (`fit_stage2`'s collator); writes its one system prompt
+    and one captioning instruction to `output_dir/prompts.json`."""
+    prompts_file = output_dir / "prompts.json"
+    prompts_file.write_text(
+        json.dumps({"system_prompts": [args.system_prompt], "caption_prompts": [DEFAULT_CAPTION_PROMPT]})
+    )
+    return DataArguments(
+        **DEMO_DATA,
+        prompts_file=str(prompts_file),
+        shuffle_turns=args.conversations,
+        independent_turns=args.conversations and args.independent_turns,
+    )
 
 
 def _training_args(
@@ -300,7 +356,8 @@ def _table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _model_args(args: DemoArguments, backbones: AssetPaths) -> ModelArguments:
+def model_arguments(args: DemoArguments, backbones: AssetPaths) -> ModelArguments:
+    """The demo's stage-1 and stage-2 model: the fetched backbones, its LoRA and precision settings."""
     return ModelArguments(
         vision_model=str(backbones.vision),
         qformer_model=str(backbones.qformer),
@@ -339,7 +396,7 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
 
     with _timed(seconds, "assets"):
         backbones = backbones or fetch_assets(args.assets_dir)
-    model_args = _model_args(args, backbones)
+    model_args = model_arguments(args, backbones)
     set_seed(args.seed)
     model, processor = build_stage1(model_args)
     if args.image_size is not None:
@@ -385,23 +442,8 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     del model, trainer
 
     # Stage 2 (`train-vlm`'s build + fit): Q-Former + adapter + LoRA learn to answer questions and to caption.
-    question_columns = {"caption_column": None, "question_column": "question", "answer_column": "answer"}
-    all_questions, captions = _questions_and_captions(_rows("train", "vqa", image_paths["train"], **question_columns))
-    questions = _sample_questions(
-        all_questions, args.train_questions, args.questions_per_image, args.seed, args.yes_no_wording_share
-    )
-    if args.questions_per_image:  # the caption turns go into those images' conversations
-        asked = set(questions["image"])
-        captions = captions.filter(lambda path: path in asked, input_columns="image")
-    stage2_rows = datasets.concatenate_datasets([questions, _sample(captions, args.train_captions, args.seed)])
-    num_train_questions = len(questions)
-    logger.info(
-        "demo: stage 2 on %d questions + %d captions", num_train_questions, len(stage2_rows) - num_train_questions
-    )
-    prompts_file = output_dir / "prompts.json"
-    prompts_file.write_text(
-        json.dumps({"system_prompts": [args.system_prompt], "caption_prompts": [DEFAULT_CAPTION_PROMPT]})
-    )
+    data = stage2_data(args, image_paths["train"])
+    logger.info("demo: stage 2 on %d questions + %d captions", data.num_questions, data.num_captions)
     model_dir = output_dir / "model"
     with _timed(seconds, "stage2"):
         set_seed(args.seed)
@@ -417,21 +459,14 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
             args.stage2_weight_decay,
             args.stage2_warmup_steps,
         )
-        conversations = _conversations(stage2_rows) if args.conversations else stage2_rows
-        train = IndexedDataset(conversations, caches["train"])
-        data_args = DataArguments(
-            **DEMO_DATA,
-            prompts_file=str(prompts_file),
-            shuffle_turns=args.conversations,
-            independent_turns=args.conversations and args.independent_turns,
-        )
-        _, trainer = fit_stage2(vlm, processor, train, None, data_args, stage2_args)
+        train = IndexedDataset(data.train, caches["train"])
+        _, trainer = fit_stage2(vlm, processor, train, None, stage2_data_args(args, output_dir), stage2_args)
     histories["stage 2 (LM loss on answers)"] = trainer.state.log_history
     del vlm, trainer
 
     # Evaluate the saved folder as anyone would load it (`inference.load_for_inference`, bf16 where it is fast).
     model, processor = load_for_inference(str(model_dir), args.device)
-    test_questions, _ = _questions_and_captions(_rows("test", "vqa", image_paths["test"], **question_columns))
+    test_questions, _ = _questions_and_captions(_rows("test", "vqa", image_paths["test"], **QUESTION_COLUMNS))
     test_questions = _sample(test_questions, args.test_questions, args.seed)
     question_features = _features(caches["test"], test_questions["image"])
     caption_images = _sample(test_images, args.test_captions, args.seed)
@@ -441,11 +476,10 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
         answers = list(generate_texts(model, processor, question_features, test_questions["question"], **generation))
     with _timed(seconds, "caption_eval"):
         generated_captions = list(generate_texts(model, processor, caption_features, **generation))
-    majority = Counter(all_questions["answer"]).most_common(1)[0][0]
     metrics = {
         "vqa_accuracy": _accuracy(answers, test_questions["answer"]),
-        "majority_baseline": _accuracy([majority] * len(test_questions), test_questions["answer"]),
-        "majority_answer": majority,
+        "majority_baseline": _accuracy([data.majority_answer] * len(test_questions), test_questions["answer"]),
+        "majority_answer": data.majority_answer,
         **_yes_no_metrics(test_questions["question"], test_questions["answer"], answers),
         "caption_accuracy": _accuracy(generated_captions, caption_images["caption"]),
         **{name: value for name, value in recall.items() if name != "mean_recall"},
@@ -453,8 +487,8 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
         "num_test_images": len(test_images),
         "num_test_captions": len(caption_images),
         "num_train_images": len(images["train"]),
-        "num_train_questions": num_train_questions,
-        "num_train_captions": len(stage2_rows) - num_train_questions,
+        "num_train_questions": data.num_questions,
+        "num_train_captions": data.num_captions,
         "seconds": seconds,
     }
 

@@ -70,6 +70,20 @@ def test_bench_generate(tmp_path):
     assert "caption latency" in stdout
 
 
+def test_bench_demo_stage2(tmp_path):
+    pytest.importorskip("easy_vqa")
+    figures, stdout = run_script("bench_demo_stage2", tmp_path)
+    rows = figures["rows, 16 a step"]
+    per_image = figures["conversations, 5 images x 3 questions (default)"]
+    assert rows["answers_per_step"] == 16  # one answer a row
+    assert 15 <= per_image["answers_per_step"] <= 20  # 3 questions an image, and some caption turns
+    # one prompt prefix (system prompt, image) per image instead of one per answer
+    assert per_image["lm_positions_per_step"] < rows["lm_positions_per_step"]
+    for figure in figures.values():
+        assert figure["epoch_s"] == pytest.approx(figure["steps_per_epoch"] * figure["s_per_step"])
+    assert "ms/answer" in stdout
+
+
 def test_benchmarks_time_bf16_only_where_the_hardware_runs_it(fake_cpu):
     from common import parse_args, precisions
 

@@ -140,7 +140,7 @@ def test_the_yes_no_wording_share_defaults_to_its_measured_value_where_questions
 
     assert share() == DEFAULT_YES_NO_WORDING_SHARE == 0.65
     assert share("--yes_no_wording_share", "0.5") == 0.5
-    assert share("--questions_per_image", "3") is None  # per image: as they come
+    assert share("--questions_per_image", "3") == DEFAULT_YES_NO_WORDING_SHARE  # conversations of equal length too
     assert DemoArguments(train_questions=None).yes_no_wording_share is None  # every question: as they come
 
 
@@ -172,9 +172,8 @@ def test_conversation_mode_groups_each_images_caption_and_questions():
     per_image = {path: sampled["image"].count(path) for path in set(sampled["image"])}
     assert len(sampled) == 9 and sorted(per_image.values()) == [3, 3, 3]
     assert _sample_questions(many, 9, per_image=0, seed=0)["question"] == _sample(many, 9, seed=0)["question"]
-    for count, per_image in ((9, 3), (None, 0)):  # a chosen yes/no mix needs a count of independent draws
-        with pytest.raises(ValueError, match="yes_no_wording_share"):
-            _sample_questions(many, count, per_image=per_image, seed=0, wording_share=0.65)
+    with pytest.raises(ValueError, match="yes_no_wording_share"):  # a chosen yes/no mix needs a count
+        _sample_questions(many, None, per_image=0, seed=0, wording_share=0.65)
 
 
 def test_the_demo_says_how_long_the_default_run_takes_on_this_cpu_kind(fake_cpu):

@@ -133,6 +133,38 @@ def test_questions_drawn_with_a_chosen_share_of_yes_no_answers_the_wording_gives
     assert chosen != question_indices(questions, answers, 9001, random.Random(1), wording_share)
 
 
+def test_questions_drawn_per_image_keep_the_share_and_give_every_image_the_same_number():
+    """Conversations of equal length (the demo's `--questions_per_image`) with the yes/no mix of independent draws."""
+    questions, answers, image_ids = easy_vqa.get_train_questions()
+    images = [str(i) for i in image_ids]
+    chosen = question_indices(questions, answers, 9000, random.Random(0), 0.65, images, per_image=3)
+    assert len(chosen) == len(set(chosen)) == 9000 and chosen == sorted(chosen)
+    assert set(Counter(images[i] for i in chosen).values()) == {3}
+    cells = _cells([questions[i] for i in chosen], [answers[i] for i in chosen])
+    independent = _cells(
+        *zip(
+            *((questions[i], answers[i]) for i in question_indices(questions, answers, 9000, random.Random(0), 0.65)),
+            strict=True,
+        )
+    )
+    for cell, number in independent.items():  # the quotas of independent draws, met within 1%
+        assert cells[cell] == pytest.approx(number, rel=0.01), cell
+    assert chosen == question_indices(questions, answers, 9000, random.Random(0), 0.65, images, per_image=3)
+
+
+def test_images_that_cannot_fill_a_conversation_within_the_quotas_are_passed_over():
+    questions = ["is there a red shape?", "is there a blue shape?", "what color is the shape?"] * 2
+    answers = ["no", "no", "red", "yes", "no", "blue"]
+    images = ["a.png"] * 3 + ["b.png"] * 3
+    # at wording share 1.0 the quotas hold one colour question and one plain "no" (no negated questions here): the
+    # first image drawn takes both, and the other cannot fill a conversation of two
+    for seed in range(5):
+        chosen = question_indices(questions, answers, 4, random.Random(seed), 1.0, images, per_image=2)
+        assert len(chosen) == 2 and len({images[i] for i in chosen}) == 1
+    with pytest.raises(ValueError, match="each question's image"):
+        question_indices(questions, answers, 4, random.Random(0), 1.0, per_image=2)
+
+
 def test_questions_drawn_stop_short_when_a_cell_runs_out():
     questions = ["is there a red shape?"] * 3 + ["is there not a red shape?"] * 3 + ["what color is the shape?"]
     answers = ["yes", "no", "no", "yes", "yes", "no", "red"]

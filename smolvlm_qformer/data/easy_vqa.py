@@ -92,8 +92,17 @@ def derive_colour_and_shape(qa_pairs: Iterable[tuple[str, str]]) -> tuple[str | 
     return colour, shape, (colour_source, shape_source)
 
 
+Cell = tuple[bool, bool] | None  # a question's (negated, answers as worded); None for colour and shape questions
+
+
 def question_indices(
-    questions: Sequence[str], answers: Sequence[str], count: int, rng: random.Random, wording_share: float
+    questions: Sequence[str],
+    answers: Sequence[str],
+    count: int,
+    rng: random.Random,
+    wording_share: float,
+    images: Sequence[str] | None = None,
+    per_image: int | None = None,
 ) -> list[int]:
     """`count` question indices drawn so that `wording_share` of the yes/no ones answer as their wording suggests.
 
@@ -104,22 +113,79 @@ def question_indices(
     from the two cells the wording predicts (plain "no", negated "yes"), the rest from the two only the image answers;
     0.5 hides the answer from the wording entirely (the language-prior balancing of VQA v2). The share of yes/no vs
     colour / shape questions stays the data's. Sorted; fewer than `count` if a cell runs out.
+
+    With `images` (each question's image) and `per_image`: `per_image` questions about each of `count // per_image`
+    images drawn at random (conversations of equal length), each question from the cell furthest below its quota
+    among those the image offers; an image that cannot give `per_image` is passed over.
     """
-    cells: dict[tuple[bool, bool] | None, list[int]] = defaultdict(list)  # (negated, answer as worded) -> indices
+    cells: dict[Cell, list[int]] = defaultdict(list)
     for index, (question, answer) in enumerate(zip(questions, answers, strict=True)):
-        cells[(is_negated(question), answer == wording_answer(question)) if answer in YES_NO else None].append(index)
-    yes_no = round(count * (len(questions) - len(cells[None])) / max(len(questions), 1))
+        cells[_cell(question, answer)].append(index)
+    quotas = _quotas({cell: len(indices) for cell, indices in cells.items()}, count, wording_share)
+    if per_image is None:
+        chosen = [i for cell, quota in quotas.items() for i in rng.sample(cells[cell], min(quota, len(cells[cell])))]
+        return sorted(chosen)
+    if images is None:
+        raise ValueError("question_indices: per_image needs each question's image")
+    return sorted(_per_image_indices(cells, quotas, images, per_image, count // per_image, rng))
+
+
+def _cell(question: str, answer: str) -> Cell:
+    return (is_negated(question), answer == wording_answer(question)) if answer in YES_NO else None
+
+
+def _quotas(sizes: dict[Cell, int], count: int, wording_share: float) -> dict[Cell, int]:
+    """How many of `count` questions each cell gives: yes/no in the data's share, `wording_share` of them as worded,
+    each half plain, half negated."""
+    total = sum(sizes.values())
+    yes_no = round(count * (total - sizes.get(None, 0)) / max(total, 1))
     from_wording = round(yes_no * wording_share)
     from_image = yes_no - from_wording
-    quotas = {
+    return {
         None: count - yes_no,
         (False, True): from_wording // 2,
         (True, True): from_wording - from_wording // 2,
         (False, False): from_image // 2,
         (True, False): from_image - from_image // 2,
     }
-    chosen = [i for cell, quota in quotas.items() for i in rng.sample(cells[cell], min(quota, len(cells[cell])))]
-    return sorted(chosen)
+
+
+def _per_image_indices(
+    cells: dict[Cell, list[int]],
+    quotas: dict[Cell, int],
+    images: Sequence[str],
+    per_image: int,
+    num_images: int,
+    rng: random.Random,
+) -> list[int]:
+    """`per_image` indices from each of `num_images` images taken in a random order, each from the cell of that image
+    furthest below its quota (the greedy fill keeps the cells' shares close to their quotas)."""
+    by_image: dict[str, dict[Cell, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for cell, indices in cells.items():
+        for index in indices:
+            by_image[images[index]][cell].append(index)
+    left = dict(quotas)
+    order = sorted(by_image)
+    rng.shuffle(order)
+    chosen: list[int] = []
+    for image in order:
+        if len(chosen) >= num_images * per_image:
+            break
+        offered = {cell: rng.sample(indices, len(indices)) for cell, indices in by_image[image].items()}
+        picked: list[tuple[Cell, int]] = []
+        for _ in range(per_image):
+            open_cells = [cell for cell, indices in offered.items() if indices and left.get(cell, 0) > 0]
+            if not open_cells:
+                break
+            cell = max(open_cells, key=lambda c: left[c] / quotas[c])
+            picked.append((cell, offered[cell].pop()))
+            left[cell] -= 1
+        if len(picked) < per_image:  # give the quota back: this image cannot fill a conversation
+            for cell, _ in picked:
+                left[cell] += 1
+            continue
+        chosen.extend(index for _, index in picked)
+    return chosen
 
 
 def easy_vqa_dataset(split: str = "train", config: str | None = None) -> datasets.Dataset:

@@ -9,6 +9,7 @@ from .run import (
     fit_stage2,
     parameter_summary,
     save_stage2,
+    stage2_collator,
     train_qformer,
     train_vlm,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "fit_stage2",
     "parameter_summary",
     "save_stage2",
+    "stage2_collator",
     "train_qformer",
     "train_vlm",
 ]

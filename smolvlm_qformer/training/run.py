@@ -187,6 +187,25 @@ def fit_stage1(
     return metrics, trainer
 
 
+def stage2_collator(
+    model: PeftModel, processor: SmolVLMQFormerProcessor, data_args: DataArguments, seed: int
+) -> ChatCollator:
+    """How stage 2 turns rows into batches: prompts drawn per sample from `seed`, texts cut and conversations fit
+    to the LM's context as `data_args` says."""
+    prompts = PromptConfig.from_json(data_args.prompts_file) if data_args.prompts_file else PromptConfig()
+    prompts.shuffle_turns = data_args.shuffle_turns
+    return ChatCollator(
+        processor,
+        prompts=prompts,
+        seed=seed,
+        max_answer_tokens=data_args.max_answer_tokens,
+        max_question_tokens=data_args.max_question_tokens,
+        max_length=model.config.text_config.max_position_embeddings,
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
+        independent_turns=data_args.independent_turns,
+    )
+
+
 def fit_stage2(
     model: PeftModel,
     processor: SmolVLMQFormerProcessor,
@@ -198,18 +217,7 @@ def fit_stage2(
     """Trains stage 2 and writes the merged model + processor to `output_dir` and the unmerged adapter to
     `output_dir/adapter`; returns the metrics and trainer."""
     _log_trainable(model)
-    prompts = PromptConfig.from_json(data_args.prompts_file) if data_args.prompts_file else PromptConfig()
-    prompts.shuffle_turns = data_args.shuffle_turns
-    collator = ChatCollator(
-        processor,
-        prompts=prompts,
-        seed=training_args.seed,
-        max_answer_tokens=data_args.max_answer_tokens,
-        max_question_tokens=data_args.max_question_tokens,
-        max_length=model.config.text_config.max_position_embeddings,
-        pad_to_multiple_of=data_args.pad_to_multiple_of,
-        independent_turns=data_args.independent_turns,
-    )
+    collator = stage2_collator(model, processor, data_args, training_args.seed)
     trainer = VLMTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator
     )

