@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -55,14 +54,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     steps = 3 if args.quick else 12
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
+        settings = {"device": "cpu"}  # each contender's DemoArguments: these, and its flags
         if args.tiny:
             processor = tiny_processor()
             backbones = AssetPaths(**save_tiny_backbones(scratch / "backbones", processor))
-            base = DemoArguments(num_query_tokens=processor.num_query_tokens, image_size=None, device="cpu")
+            settings |= {"num_query_tokens": processor.num_query_tokens, "image_size": None}
         else:
-            backbones, base = fetch_assets(), DemoArguments(device="cpu")
-        if args.quick:  # questions about 400 images (1,200 of them; 1,000 with 3 per image)
-            base = replace(base, train_images=400, train_questions=1200, train_captions=80)
+            backbones = fetch_assets()
+        if args.quick:  # 1,200 questions about 400 images
+            settings |= {"train_images": 400, "train_questions": 1200, "train_captions": 80}
+        base = DemoArguments(**settings)
         model_args = model_arguments(base, backbones)
         stage1, processor = build_stage1(model_args)
         if base.image_size is not None:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
         contenders, shapes, epochs = {}, {}, {}
         for name, flags in CONTENDERS.items():
-            demo_args = replace(base, **flags)
+            demo_args = DemoArguments(**settings, **flags)
             data = stage2_data(demo_args, set(images["image"]))
             collate = stage2_collator(vlm, processor, stage2_data_args(demo_args, scratch), demo_args.seed)
             stream = batches(IndexedDataset(data.train, cache), demo_args.stage2_batch_size, collate)

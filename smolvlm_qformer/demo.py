@@ -58,10 +58,11 @@ logger = logging.getLogger(__name__)
 BASE_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2")
 RECALL_KS = (1, 5)
 # The default run's minutes on 2 cores (README, "Quick start"), for the ETA printed at the start: where bf16 is fast,
-# 11 on an Intel Xeon (AMX) with the Q-Former frozen in stage 2, where that CPU kind's slower hours gave 13-15 with it
-# trained; in float32 (measured with it trained), 28 on an Intel Xeon whose bf16 is slower (AVX512-BF16, no AMX) and
-# 36-56 on an AMD EPYC with AVX2 only (56 in an hour when that machine took 5 s a step instead of 3.2)
-DEFAULT_RUN_MINUTES = {"bf16": "11-15", "float32": "28-56"}
+# 14 on an Intel Xeon (AMX) in a slow hour, about 8 in the hours when rows of 16 took 11 (estimated from the step
+# times of one hour); in float32 (measured with rows of 16 and the Q-Former trained: an upper bound, conversations
+# compute 0.64x their LM positions), 28 on an Intel Xeon whose bf16 is slower (AVX512-BF16, no AMX) and 36-56 on an
+# AMD EPYC with AVX2 only
+DEFAULT_RUN_MINUTES = {"bf16": "8-14", "float32": "28-56"}
 # easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short (rows are padded to the longest
 # one, as `train-vlm` pads them)
 DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8}
@@ -74,8 +75,8 @@ DEFAULT_YES_NO_WORDING_SHARE = 0.65
 
 @dataclass
 class DemoArguments:
-    """What the demo trains on, for how long, and where it writes. The defaults take 11-15 minutes on a 2-core CPU
-    where bf16 is fast, 28-56 elsewhere (README, "Quick start")."""
+    """What the demo trains on, for how long, and where it writes. The defaults take 8-14 minutes on a 2-core CPU
+    where bf16 is fast, up to 28-56 elsewhere (README, "Quick start")."""
 
     output_dir: str | None = None
     """Default: a new `smolvlm-qformer-demo-YYYYMMDD-HHMMSS` folder in the current directory."""

@@ -144,6 +144,32 @@ def test_the_yes_no_wording_share_defaults_to_its_measured_value_where_questions
     assert DemoArguments(train_questions=None).yes_no_wording_share is None  # every question: as they come
 
 
+def test_stage2_defaults_to_conversations_of_three_questions_and_rows_keep_their_own_defaults():
+    args = DemoArguments()
+    assert (args.conversations, args.questions_per_image, args.stage2_batch_size) == (True, 3, 5)
+    rows = parse_arguments((DemoArguments,), ["--conversations", "false"])[0]
+    assert (rows.conversations, rows.questions_per_image, rows.stage2_batch_size) == (False, 0, 16)
+
+
+def test_the_default_stage2_data_is_one_conversation_of_three_questions_per_image():
+    pytest.importorskip("easy_vqa")
+    from smolvlm_qformer.data.easy_vqa import easy_vqa_dataset, wording_answer
+    from smolvlm_qformer.demo import stage2_data
+
+    paths = set(easy_vqa_dataset("train", "captions")["image"][:400])
+    data = stage2_data(DemoArguments(train_questions=600, train_captions=50), paths)
+    assert (data.num_questions, data.num_captions, len(data.train)) == (600, 50, 200)
+    exchanges = []
+    for messages in data.train["messages"]:
+        questions = [p["text"] for m in messages if m["role"] == "user" for p in m["content"] if p["type"] == "text"]
+        answers = [m["content"][0]["text"] for m in messages if m["role"] == "assistant"]
+        assert len(questions) == 3 and len(answers) in (3, 4)  # and a caption turn, first, for some images
+        exchanges += zip(questions, answers[-3:], strict=True)
+    yes_no = [(q, a) for q, a in exchanges if a in ("yes", "no")]
+    as_worded = sum(a == wording_answer(q) for q, a in yes_no) / len(yes_no)
+    assert as_worded == pytest.approx(DemoArguments().yes_no_wording_share, abs=0.01)
+
+
 def test_conversation_mode_groups_each_images_caption_and_questions():
     import datasets
 
