@@ -186,13 +186,13 @@ def stage2_batch(
     text_ids = torch.randint(3, config.text_config.vocab_size, (batch, text_tokens), device=device)
     labels = text_ids.masked_fill(torch.arange(text_tokens, device=device) < text_tokens * 2 // 3, -100)
     if not image:
-        positions, shift_labels = scored_positions(labels)
+        scored, shift_labels = scored_positions(labels)  # the same positions in every row
         return {
             "input_ids": text_ids,
             "attention_mask": torch.ones_like(text_ids),
             "labels": labels,
-            "logits_to_keep": positions,
-            "shift_labels": shift_labels,
+            "logits_to_keep": scored[0].nonzero().squeeze(-1),
+            "shift_labels": shift_labels.view(batch, -1),
         }
     image_ids = torch.full((batch, config.num_query_tokens), config.image_token_id, device=device)
     input_ids = torch.cat([image_ids, text_ids], dim=1)

@@ -665,8 +665,8 @@ class SmolVLMQFormerCausalLMOutput(CausalLMOutputWithPast):
 
     image_outputs: `get_image_features`' output, when an image was given.
 
-    In training with labels, `logits` are (B, K, vocab) at the K positions that predict a label in some row of the
-    batch (see `scored_positions`); `loss` is the LM loss over the positions whose label is not -100 (the answer).
+    In training with labels, `logits` are (1, N, vocab) at the N positions of the batch that predict a label, row by
+    row (see `scored_positions`); `loss` is the LM loss over the positions whose label is not -100 (the answer).
     """
 
     image_hidden_states: torch.FloatTensor | None = None
@@ -826,15 +826,16 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
         )
 
 
-def scored_positions(labels: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """The positions whose next token has a label in some row, and the (B, K) labels they predict.
+def scored_positions(labels: torch.LongTensor) -> tuple[torch.BoolTensor, torch.LongTensor]:
+    """The (B, T) mask of the positions whose next token has a label, and the N labels they predict, in order.
 
-    Training only scores the answer, a few tokens per row: computing the LM head and its softmax over the whole
-    vocabulary at these positions alone gives the same loss at a fraction of the cost.
+    Training only scores the answers, a few tokens per row at different places in each row: computing the LM head
+    and its softmax over the whole vocabulary at these N positions alone gives the same loss at a fraction of the
+    cost.
     """
     shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
-    positions = (shift_labels != -100).any(dim=0).nonzero().squeeze(-1)
-    return positions, shift_labels[:, positions]
+    scored = shift_labels != -100
+    return scored, shift_labels[scored]
 
 
 class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, GenerationMixin):
@@ -940,15 +941,17 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
             use_cache=use_cache,
             **kwargs,
         )
+        hidden_states = outputs.last_hidden_state
         shift_labels = kwargs.pop("shift_labels", None)  # a caller's (already shifted) labels are used as given
         if labels is not None:
             labels = labels.masked_fill(labels == self.config.image_token_id, -100)
             if self.training and shift_labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
-                logits_to_keep, shift_labels = scored_positions(labels)
+                scored, shift_labels = scored_positions(labels)
+                hidden_states, shift_labels = hidden_states[scored][None], shift_labels[None]
         if shift_labels is not None:
             shift_labels = shift_labels.masked_fill(shift_labels == self.config.image_token_id, -100)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, keep])
+        logits = self.lm_head(hidden_states[:, keep])
         loss = None
         if labels is not None:
             loss = self.loss_function(

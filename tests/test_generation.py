@@ -134,12 +134,12 @@ def test_labels_give_the_lm_loss_on_answer_tokens_only(model, processor, images)
 
 
 def test_training_scores_only_labelled_positions_with_the_same_loss_and_gradients(model, processor, images):
-    """In training, logits are computed only where some row has a label: the loss and every gradient equal the
-    full-vocabulary, all-positions computation (forced with an explicit `logits_to_keep`)."""
+    """In training, logits are computed only at the positions that predict a label, row by row: the loss and every
+    gradient equal the full-vocabulary, all-positions computation (forced with an explicit `logits_to_keep`)."""
     batch = processor(images=images[:3], text=[*QUESTIONS, "Is it red?"])
     labels = torch.full_like(batch.input_ids, -100)
     labels[0, -3:] = batch.input_ids[0, -3:]
-    labels[1, -5:-2] = batch.input_ids[1, -5:-2]  # overlaps row 0: 5 positions predict a label
+    labels[1, -5:-2] = batch.input_ids[1, -5:-2]  # 3 + 3 positions predict a label, 5 columns of the batch
     model.train()
 
     def loss_and_grads(**kwargs) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -151,7 +151,7 @@ def test_training_scores_only_labelled_positions_with_the_same_loss_and_gradient
 
     loss, logits, grads = loss_and_grads()
     full_loss, full_logits, full_grads = loss_and_grads(logits_to_keep=labels.shape[1])
-    assert logits.shape[1] == 5 and full_logits.shape[1] == labels.shape[1]
+    assert logits.shape[:2] == (1, 6) and full_logits.shape[:2] == labels.shape
     torch.testing.assert_close(loss, full_loss)
     assert len(grads) == len(full_grads) > 0
     for grad, full_grad in zip(grads, full_grads, strict=True):
