@@ -58,10 +58,10 @@ logger = logging.getLogger(__name__)
 BASE_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2")
 RECALL_KS = (1, 5)
 # The default run's minutes on 2 cores (README, "Quick start"), for the ETA printed at the start: where bf16 is fast,
-# 14 on an Intel Xeon (AMX) in a slow hour, about 8 in the hours when rows of 16 took 11 (estimated from the step
-# times of one hour); in float32 (measured with rows of 16 and the Q-Former trained: an upper bound, conversations
-# compute 0.64x their LM positions), 28 on an Intel Xeon whose bf16 is slower (AVX512-BF16, no AMX) and 36-56 on an
-# AMD EPYC with AVX2 only
+# 8.5-10 on an AMD EPYC with AVX512-BF16, 14 on an Intel Xeon (AMX) in a slow hour, about 8 in the hours when rows of
+# 16 took 11 (estimated from the step times of one hour); in float32 (measured with rows of 16 and the Q-Former
+# trained: an upper bound, conversations compute 0.64x their LM positions), 28 on an Intel Xeon whose bf16 is slower
+# (AVX512-BF16, no AMX) and 36-56 on an AMD EPYC with AVX2 only
 DEFAULT_RUN_MINUTES = {"bf16": "8-14", "float32": "28-56"}
 # easy-VQA captions are 4 words and answers 1-2: short limits keep every batch short (rows are padded to the longest
 # one, as `train-vlm` pads them)
@@ -85,7 +85,9 @@ class DemoArguments:
     train_images: int | None = None
     """Use the first N of the 4,000 training images (default: all)."""
     train_questions: int | None = 9000
-    """Stage 2: questions drawn at random from those images' 38,575 (None: all)."""
+    """Stage 2: questions drawn at random from those images' 38,575 (None: all); by default 3,000 images of 3
+    questions, 600 steps of 5 images. 8,100 (540 steps) left one seed of three on the yes/no plateau (README, "Quick
+    start")."""
     yes_no_wording_share: float | None = None
     """Stage 2 draws its yes/no questions so that this share of them answer as their wording suggests (plain "is
     there a red shape?" -> no, negated -> yes; `easy_vqa.question_indices`). Default: 0.65 where `train_questions` is
@@ -140,8 +142,9 @@ class DemoArguments:
     num_query_tokens: int = 8
     lora_r: int = 16
     lora_target_modules: str = LORA_ALL_LINEAR_MODULES
-    """LoRA on the LM's attention and MLP projections: with attention only (`LORA_TARGET_MODULES`), stage 2 learns
-    colour and shape questions but answers yes/no ones from the question alone."""
+    """LoRA on the LM's attention and MLP projections. On attention only (`LORA_TARGET_MODULES`), or on attention and
+    the MLP's gate and up projections, a step took 0.72x / 0.86x as long on a CPU with the frozen LM in bf16, but
+    stage 2 answered yes/no from the question alone at one seed of two (README, "Quick start")."""
     image_size: int | None = 56
     """Side the vision encoder sees (DINOv2 interpolates its position embeddings; 56 = 4 x 4 patches of 14 px for
     easy-VQA's 64 px images). None keeps the image processor's own size."""

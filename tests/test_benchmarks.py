@@ -79,6 +79,9 @@ def test_bench_demo_stage2(tmp_path):
     assert 15 <= per_image["answers_per_step"] <= 20  # 3 questions an image, and some caption turns
     # one prompt prefix (system prompt, image) per image instead of one per answer
     assert per_image["lm_positions_per_step"] < rows["lm_positions_per_step"]
+    # the same batches, on a model with LoRA on the LM's attention only
+    attention_lora = figures["the default, LoRA on attention only"]
+    assert attention_lora["lm_positions_per_step"] == per_image["lm_positions_per_step"]
     for figure in (rows, per_image):
         assert figure["epoch_s"] == pytest.approx(figure["steps_per_epoch"] * figure["s_per_step"])
     assert "ms/answer" in stdout
