@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 BASE_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2")
 RECALL_KS = (1, 5)
-# The default run's minutes on 2 cores (README, "Quick start"), for the ETA printed at the start: where bf16 is fast,
+# The default run's minutes on 2 cores (`docs/demo.md`), for the ETA printed at the start: where bf16 is fast,
 # 8.5-10 on an AMD EPYC with AVX512-BF16, 14 on an Intel Xeon (AMX) in a slow hour, about 8 in the hours when rows of
 # 16 took 11 (estimated from the step times of one hour); in float32 (measured with rows of 16 and the Q-Former
 # trained: an upper bound, conversations compute 0.64x their LM positions), 28 on an Intel Xeon whose bf16 is slower
@@ -68,15 +68,15 @@ DEFAULT_RUN_MINUTES = {"bf16": "8-14", "float32": "28-56"}
 DEMO_DATA = {"dataset": "easy-vqa", "max_caption_tokens": 16, "max_answer_tokens": 8}
 QUESTION_COLUMNS = {"caption_column": None, "question_column": "question", "answer_column": "answer"}
 # Stage 2's yes/no questions answer as worded this often by default: with the Q-Former trained, no run at 0.65 ended on
-# the yes/no plateau where easy-VQA's own 0.82 left two seeds of three at 85-87% on an Intel Xeon with AMX (README,
-# "Quick start")
+# the yes/no plateau where easy-VQA's own 0.82 left two seeds of three at 85-87% on an Intel Xeon with AMX
+# (`docs/demo.md`)
 DEFAULT_YES_NO_WORDING_SHARE = 0.65
 
 
 @dataclass
 class DemoArguments:
     """What the demo trains on, for how long, and where it writes. The defaults take 8-14 minutes on a 2-core CPU
-    where bf16 is fast, up to 28-56 elsewhere (README, "Quick start")."""
+    where bf16 is fast, up to 28-56 elsewhere (`docs/demo.md`)."""
 
     output_dir: str | None = None
     """Default: a new `smolvlm-qformer-demo-YYYYMMDD-HHMMSS` folder in the current directory."""
@@ -86,14 +86,14 @@ class DemoArguments:
     """Use the first N of the 4,000 training images (default: all)."""
     train_questions: int | None = 9000
     """Stage 2: questions drawn at random from those images' 38,575 (None: all); by default 3,000 images of 3
-    questions, 600 steps of 5 images. 8,100 (540 steps) left one seed of three on the yes/no plateau (README, "Quick
-    start")."""
+    questions, 600 steps of 5 images. 8,100 (540 steps) left one seed of three on the yes/no plateau
+    (`docs/demo.md`)."""
     yes_no_wording_share: float | None = None
     """Stage 2 draws its yes/no questions so that this share of them answer as their wording suggests (plain "is
     there a red shape?" -> no, negated -> yes; `easy_vqa.question_indices`). Default: 0.65 where `train_questions` is
     set, else as they come (all of them). easy-VQA as it comes
     answers 82% as worded, and there stage 2 sometimes learned yes/no from the wording only; 0.5 leaves only the image
-    to answer them, and stage 2 learned them slower still (README, "Quick start")."""
+    to answer them, and stage 2 learned them slower still (`docs/demo.md`)."""
     questions_per_image: int | None = None
     """Stage 2 draws its questions as this many about each of `train_questions / questions_per_image` images drawn
     at random (0: questions drawn independently, about 2.3 per image). Default: 3 with `conversations` (conversations
@@ -117,34 +117,34 @@ class DemoArguments:
     where answering yes/no needs no image."""
     stage2_weight_decay: float = 0.01
     """AdamW's decoupled weight decay in stage 2 (stage 1: 0.01). 1.0 lifted some seeds, not all, off the plateau
-    where yes/no is answered from the question, and dropped others onto it (README, "Quick start")."""
+    where yes/no is answered from the question, and dropped others onto it (`docs/demo.md`)."""
     stage2_warmup_steps: int = 10
     """Stage-2 learning-rate warm-up (stage 1: 10 steps). A longer one rescued a run that never learned to read the
-    image and failed another seed (README, "Quick start")."""
+    image and failed another seed (`docs/demo.md`)."""
     conversations: bool = True
     """Stage 2 trains one conversation per image (its caption and questions as turns, in a new order each epoch), so
     the image embeddings and the system prompt are computed once per image, not once per question: with 3 questions
     an image, a step of about 16 answers costs 0.7x a step of 16 rows, and every seed measured passed where rows left
-    one on the yes/no plateau (README, "Quick start"). `--conversations false` trains on rows."""
+    one on the yes/no plateau (`docs/demo.md`). `--conversations false` trains on rows."""
     independent_turns: bool = True
     """With `conversations`: each question is learned as if asked alone (`DataArguments.independent_turns`). Without
     it, later turns are learned from the text before them rather than from the image (easy-VQA's questions about one
     image answer each other: "what colour?" answers "is there a red shape?"), and single-question test accuracy drops
-    (README, "Quick start")."""
+    (`docs/demo.md`)."""
     train_qformer: bool = False
     """Stage 2 trains the Q-Former's query path too (`ModelArguments.train_qformer`). Off: at the stage-2 learning
     rate its image outputs could collapse to one soft prompt within 50 steps, the same for every image, after which
-    stage 2 sometimes never learned to read the image (README, "Quick start")."""
+    stage 2 sometimes never learned to read the image (`docs/demo.md`)."""
     stage1_learning_rate: float = 2e-4
     stage2_learning_rate: float = 2e-4
     """The Q-Former's (with `train_qformer`); the adapter and LoRA train at 5x (`new_parts_learning_rate`). 4e-4 took
-    one seed off the yes/no plateau and put two others on it (README, "Quick start")."""
+    one seed off the yes/no plateau and put two others on it (`docs/demo.md`)."""
     num_query_tokens: int = 8
     lora_r: int = 16
     lora_target_modules: str = LORA_ALL_LINEAR_MODULES
     """LoRA on the LM's attention and MLP projections. On attention only (`LORA_TARGET_MODULES`), or on attention and
     the MLP's gate and up projections, a step took 0.72x / 0.86x as long on a CPU with the frozen LM in bf16, but
-    stage 2 answered yes/no from the question alone at one seed of two (README, "Quick start")."""
+    stage 2 answered yes/no from the question alone at one seed of two (`docs/demo.md`)."""
     image_size: int | None = 56
     """Side the vision encoder sees (DINOv2 interpolates its position embeddings; 56 = 4 x 4 patches of 14 px for
     easy-VQA's 64 px images). None keeps the image processor's own size."""
@@ -378,7 +378,7 @@ def model_arguments(args: DemoArguments, backbones: AssetPaths) -> ModelArgument
 
 
 def cpu_eta() -> str:
-    """What the default run takes on this CPU kind, from the minutes measured on 2 cores (README, "Quick start")."""
+    """What the default run takes on this CPU kind, from the minutes measured on 2 cores (`docs/demo.md`)."""
     cpu = describe_cpu()
     fast = cpu["bf16_is_fast"]
     minutes = DEFAULT_RUN_MINUTES["bf16" if fast else "float32"]

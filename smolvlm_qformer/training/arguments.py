@@ -50,7 +50,7 @@ class ModelArguments:
     train_qformer: bool = True
     """Stage 2 trains the Q-Former's query path along with the adapter and LoRA (BLIP-2's recipe). False keeps it
     as stage 1 left it: on the demo's data, training it at the stage-2 learning rate sometimes erased what stage 1
-    aligned within 50 steps, so that the model never learned to read the image (README, "Quick start")."""
+    aligned within 50 steps, so that the model never learned to read the image (`docs/demo.md`)."""
     frozen_lm_dtype: str | None = None
     """Stage 2: hold the frozen LM weights in this dtype ("bfloat16", "float32", or "auto": bfloat16 where the device
     runs it natively and faster, see `hardware.bf16_is_fast`); LoRA and the saved, merged model stay float32.
