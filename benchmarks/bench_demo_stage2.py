@@ -79,9 +79,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         del stage1
 
         contenders, shapes, epochs = {}, {}, {}
+        stage2_models = {}  # one per distinct model arguments: most contenders differ only in their data
         for name, flags in CONTENDERS.items():
             demo_args = DemoArguments(**settings, **flags)
-            vlm, processor = build_stage2(model_arguments(demo_args, backbones))
+            stage2_args = model_arguments(demo_args, backbones)
+            if repr(stage2_args) not in stage2_models:
+                stage2_models[repr(stage2_args)] = build_stage2(stage2_args)
+            vlm, processor = stage2_models[repr(stage2_args)]
             data = stage2_data(demo_args, set(images["image"]))
             collate = stage2_collator(vlm, processor, stage2_data_args(demo_args, scratch), demo_args.seed)
             stream = batches(IndexedDataset(data.train, cache), demo_args.stage2_batch_size, collate)
