@@ -142,9 +142,10 @@ class DemoArguments:
     num_query_tokens: int = 8
     lora_r: int = 16
     lora_target_modules: str = LORA_ALL_LINEAR_MODULES
-    """LoRA on the LM's attention and MLP projections. On attention only (`LORA_TARGET_MODULES`), or on attention and
-    the MLP's gate and up projections, a step took 0.72x / 0.86x as long on a CPU with the frozen LM in bf16, but
-    stage 2 answered yes/no from the question alone at one seed of two (`docs/demo.md`)."""
+    """LoRA on the LM's attention and MLP projections. On attention only (`LORA_TARGET_MODULES`) a step took 0.77x as
+    long on a CPU with the frozen LM in bf16 (`benchmarks/bench_demo_stage2.py`), on attention and the MLP's gate and
+    up projections stage 2 took 0.89x, but each answered yes/no from the question alone at one seed of two
+    (`docs/demo.md`)."""
     image_size: int | None = 56
     """Side the vision encoder sees (DINOv2 interpolates its position embeddings; 56 = 4 x 4 patches of 14 px for
     easy-VQA's 64 px images). None keeps the image processor's own size."""
