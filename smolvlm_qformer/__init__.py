@@ -2,8 +2,6 @@
 
 from .configuration_smolvlm_qformer import SmolVLMQFormerConfig, SmolVLMQFormerQFormerConfig
 from .modeling_smolvlm_qformer import (
-    LORA_ALL_LINEAR_MODULES,
-    LORA_TARGET_MODULES,
     QFormerModel,
     SmolVLMQFormerForConditionalGeneration,
     SmolVLMQFormerForImageTextRetrieval,
@@ -15,8 +13,6 @@ from .processing_smolvlm_qformer import SmolVLMQFormerProcessor
 __version__ = "0.1.0"
 
 __all__ = [
-    "LORA_ALL_LINEAR_MODULES",
-    "LORA_TARGET_MODULES",
     "QFormerModel",
     "SmolVLMQFormerConfig",
     "SmolVLMQFormerForConditionalGeneration",

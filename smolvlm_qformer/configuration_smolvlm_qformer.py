@@ -13,6 +13,13 @@ from transformers import CONFIG_MAPPING, AutoConfig, DistilBertConfig, Pretraine
 
 QFORMER_LOSSES = ("itc", "itm", "itg")
 
+# The reference backbones (Hub ids), the defaults of every place that assembles a model.
+DEFAULT_BACKBONES = {
+    "vision": "google/vit-base-patch16-224-in21k",
+    "qformer": "distilbert-base-uncased",
+    "language_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
 # SmolLM2-135M-Instruct's shapes and special tokens (HuggingFaceTB/SmolLM2-135M-Instruct config.json).
 SMOLLM2_135M = {
     "model_type": "llama",
@@ -140,3 +147,7 @@ class SmolVLMQFormerConfig(PretrainedConfig):
     @property
     def num_query_tokens(self) -> int:
         return self.qformer_config.num_query_tokens
+
+    @num_query_tokens.setter
+    def num_query_tokens(self, value: int) -> None:
+        self.qformer_config.num_query_tokens = value

@@ -49,7 +49,6 @@ from .evaluation import load_metric, retrieval_recall_at_k, retrieval_scores
 from .hardware import describe_cpu
 from .inference import generate_texts, load_for_inference
 from .model_card import write_model_card
-from .modeling_smolvlm_qformer import LORA_ALL_LINEAR_MODULES
 from .processing_smolvlm_qformer import DEFAULT_CAPTION_PROMPT
 from .training import ModelArguments, SmolVLMTrainingArguments, build_stage1, build_stage2, fit_stage1, fit_stage2
 
@@ -141,8 +140,8 @@ class DemoArguments:
     one seed off the yes/no plateau and put two others on it (`docs/demo.md`)."""
     num_query_tokens: int = 8
     lora_r: int = 16
-    lora_target_modules: str = LORA_ALL_LINEAR_MODULES
-    """LoRA on the LM's attention and MLP projections. On attention only (`LORA_TARGET_MODULES`) a step took 0.77x as
+    lora_target_modules: str = "all-linear"
+    """LoRA on the LM's attention and MLP projections. On attention only ("attention") a step took 0.77x as
     long on a CPU with the frozen LM in bf16 (`benchmarks/bench_demo_stage2.py`), on attention and the MLP's gate and
     up projections stage 2 took 0.89x, but each answered yes/no from the question alone at one seed of two
     (`docs/demo.md`)."""

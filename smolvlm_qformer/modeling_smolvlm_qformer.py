@@ -12,14 +12,16 @@ Shapes: B batch, Q queries, T text tokens, N image tokens, D Q-Former width, E c
 
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.activations import get_activation
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.distilbert.modeling_distilbert import (
@@ -27,10 +29,12 @@ from transformers.models.distilbert.modeling_distilbert import (
     Embeddings,
     TransformerBlock,
 )
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_smolvlm_qformer import SmolVLMQFormerConfig, SmolVLMQFormerQFormerConfig
+from .configuration_smolvlm_qformer import DEFAULT_BACKBONES, SmolVLMQFormerConfig, SmolVLMQFormerQFormerConfig
+from .processing_smolvlm_qformer import SmolVLMQFormerProcessor
 
 try:  # transformers 5: these skip weights that were loaded from a checkpoint
     from transformers import initialization as init
@@ -53,10 +57,25 @@ def pop_cache(kwargs: dict) -> object | None:
     return cache if cache is not None else legacy
 
 
-# LoRA targets, by full module name (a bare ["q_proj", "v_proj"] also hits the vision encoder): the LM's attention
-# projections (the default), or those and its MLP projections (2.65x the LoRA parameters on SmolLM2).
-LORA_TARGET_MODULES = r"(.*\.)?language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
-LORA_ALL_LINEAR_MODULES = r"(.*\.)?language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LoraTargets = Literal["attention", "all-linear"]
+
+
+def lora_target_modules(language_model: nn.Module, targets: LoraTargets = "attention", prefix: str = "") -> str:
+    """A regex over full module names (peft's `target_modules`) naming the LM's own linear projections: those inside
+    its attention blocks, or (`"all-linear"`) those and its MLPs', found per architecture by their place in the
+    module tree (fused `qkv_proj` / `gate_up_proj` and GPT-2's `Conv1D`s included), never the vision encoder's or
+    the Q-Former's, nor the LM head. `prefix` is the LM's own name in the whole model."""
+    kinds = {"attention": ("attn", "attention"), "all-linear": ("attn", "attention", "mlp", "feed_forward", "ffn")}
+    if targets not in kinds:
+        raise ValueError(f"LoRA targets must be one of {sorted(kinds)}, got {targets!r}")
+    names = set()
+    for name, module in language_model.named_modules():
+        parents = name.split(".")[:-1]
+        if isinstance(module, (nn.Linear, Conv1D)) and any(k in p for p in parents for k in kinds[targets]):
+            names.add(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(name)))
+    if not names:
+        raise ValueError(f"found no {targets} projections in {type(language_model).__name__}")
+    return rf"(.*\.)?{re.escape(prefix)}({'|'.join(sorted(names))})"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -674,30 +693,30 @@ class SmolVLMQFormerCausalLMOutput(CausalLMOutputWithPast):
 
 
 class PlaceholderEmbedding(nn.Embedding):
-    """The LM's token embedding table (same shape and weights as its `nn.Embedding`) that also takes the image
-    placeholder id, which lies past the table: it embeds as token 0, and the model overwrites it with an image query
-    embedding. Masking in the table itself, the one place, also serves engines that embed the prompt
-    through the LM's own `get_input_embeddings()` (vLLM's transformers backend, which keeps an `nn.Embedding`
-    subclass's `forward` around its own lookup)."""
+    """The LM's own token embedding module (same class behaviour, weights and shape: Gemma's scaled embedding stays
+    scaled) made to take the image placeholder id too: it embeds as token 0, and the model overwrites it with an image
+    query embedding. Masking in the table itself, the one place, also serves engines that embed the prompt through the
+    LM's own `get_input_embeddings()` (vLLM's transformers backend, which keeps an `nn.Embedding` subclass's `forward`
+    around its own lookup)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, placeholder_id: int, **kwargs):
-        super().__init__(num_embeddings, embedding_dim, **kwargs)
-        self.placeholder_id = placeholder_id
+    placeholder_id: int
 
-    @classmethod
-    def like(cls, embedding: nn.Embedding, placeholder_id: int) -> PlaceholderEmbedding:
-        """A new table of `embedding`'s shape, padding index, device and dtype (its weights are not copied)."""
-        return cls(
-            embedding.num_embeddings,
-            embedding.embedding_dim,
-            placeholder_id,
-            padding_idx=embedding.padding_idx,
-            device=embedding.weight.device,
-            dtype=embedding.weight.dtype,
-        )
+    @staticmethod
+    def wrap(embedding: nn.Embedding, placeholder_id: int) -> nn.Embedding:
+        """`embedding` itself, its class swapped for one that also derives from this one."""
+        embedding.__class__ = _placeholder_class(type(embedding))
+        embedding.placeholder_id = placeholder_id
+        return embedding
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return super().forward(input_ids.masked_fill(input_ids == self.placeholder_id, 0))
+
+
+@lru_cache
+def _placeholder_class(base: type[nn.Embedding]) -> type[nn.Embedding]:
+    if issubclass(base, PlaceholderEmbedding):
+        return base
+    return type(f"Placeholder{base.__name__}", (PlaceholderEmbedding, base), {})
 
 
 class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
@@ -716,9 +735,7 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
         self.qformer = QFormerModel(config.qformer_config)
         self.adapter = SmolVLMQFormerAdapter(config)
         self.language_model = AutoModel.from_config(config.text_config)
-        self.language_model.set_input_embeddings(
-            PlaceholderEmbedding.like(self.language_model.get_input_embeddings(), config.image_token_id)
-        )
+        PlaceholderEmbedding.wrap(self.language_model.get_input_embeddings(), config.image_token_id)
         # the query path never reads the Q-Former's word and position embeddings: they would never get a gradient
         self.qformer.embeddings.word_embeddings.requires_grad_(False)
         self.qformer.embeddings.position_embeddings.requires_grad_(False)
@@ -729,6 +746,12 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
+
+    @property
+    def embedding_name(self) -> str:
+        """The LM's name for its token embeddings (`embed_tokens`, GPT-2's `wte`, ...)."""
+        table = self.get_input_embeddings()
+        return next(name for name, module in self.language_model.named_modules() if module is table)
 
     @can_return_tuple
     def get_image_features(
@@ -826,6 +849,26 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
         )
 
 
+def lm_head_like(text_config: PretrainedConfig) -> nn.Linear:
+    """An LM head of the shape the LM's own causal-LM class gives it (with a bias where it has one, as Phi's), built
+    on the meta device to read it."""
+    with torch.device("meta"):
+        head = AutoModelForCausalLM.from_config(text_config).get_output_embeddings()
+    return nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+
+
+def scale_logits(logits: torch.Tensor, text_config: PretrainedConfig) -> torch.Tensor:
+    """What the LM's causal-LM class does to its head's output: Granite divides by `logits_scaling`, Cohere multiplies
+    by `logit_scale`, Gemma 2 soft-caps at `final_logit_softcapping`."""
+    if (scaling := getattr(text_config, "logits_scaling", None)) is not None:
+        logits = logits / scaling
+    if (scale := getattr(text_config, "logit_scale", None)) is not None:
+        logits = logits * scale
+    if (cap := getattr(text_config, "final_logit_softcapping", None)) is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def scored_positions(labels: torch.LongTensor) -> tuple[torch.BoolTensor, torch.LongTensor]:
     """The (B, T) mask of the positions whose next token has a label, and the N labels they predict, in order.
 
@@ -865,7 +908,9 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
     def __init__(self, config: SmolVLMQFormerConfig):
         super().__init__(config)
         self.model = SmolVLMQFormerModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = lm_head_like(config.text_config)
+        if isinstance(self._tied_weights_keys, dict):  # the LM names its token embeddings its own way (GPT-2: wte)
+            self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{self.model.embedding_name}.weight"}
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -890,22 +935,34 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
     @classmethod
     def from_backbones(
         cls,
-        vision: str | None = "google/vit-base-patch16-224-in21k",
-        qformer: str | None = "distilbert-base-uncased",
-        language_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
+        vision: str | None = DEFAULT_BACKBONES["vision"],
+        qformer: str | None = DEFAULT_BACKBONES["qformer"],
+        language_model: str = DEFAULT_BACKBONES["language_model"],
         stage1: str | None = None,
+        *,
+        num_query_tokens: int | None = None,
+        processor: SmolVLMQFormerProcessor | None = None,
         qformer_config: dict | None = None,
         **config_kwargs,
     ) -> SmolVLMQFormerForConditionalGeneration:
         """A stage-2 model from pretrained checkpoints (Hub ids or local folders; safetensors only): the vision
         encoder and Q-Former from `vision` and `qformer`, or both from a stage-1 checkpoint (`stage1`), and the
-        causal LM from `language_model`."""
+        causal LM from `language_model`. What the model shares with its processor (image token id, query count,
+        captioning prompt, the template's stop tokens, padding) is read from `processor`, by default the one
+        `SmolVLMQFormerProcessor.from_backbones` builds from the same arguments."""
+        if processor is None:
+            processor = SmolVLMQFormerProcessor.from_backbones(
+                vision, qformer, language_model, num_query_tokens=num_query_tokens, stage1=stage1
+            )
+        qformer_config = {**(qformer_config or {}), "num_query_tokens": processor.num_query_tokens}
         vision_model, qformer_model = load_vision_and_qformer(vision, qformer, stage1, qformer_config)
         lm = AutoModelForCausalLM.from_pretrained(language_model, use_safetensors=True)
         config = SmolVLMQFormerConfig(
             vision_config=vision_model.config,
             qformer_config=qformer_model.config,
             text_config=lm.config,
+            image_token_id=processor.image_token_id,
+            default_prompt_ids=processor.default_prompt_ids,
             **config_kwargs,
         )
         model = cls(config)
@@ -913,7 +970,14 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
         model.model.qformer.load_state_dict(qformer_model.state_dict())
         model.model.language_model.load_state_dict(lm.base_model.state_dict())
         model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+        model.generation_config.eos_token_id = processor.stop_token_ids
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
         return model
+
+    def lora_target_modules(self, targets: LoraTargets = "attention") -> str:
+        """peft's `target_modules` for this model's LM (see `lora_target_modules`): its attention projections, the
+        default, or (`"all-linear"`) its attention and MLP projections."""
+        return lora_target_modules(self.model.language_model, targets, prefix="language_model.")
 
     @can_return_tuple
     def forward(
@@ -951,7 +1015,7 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
         if shift_labels is not None:
             shift_labels = shift_labels.masked_fill(shift_labels == self.config.image_token_id, -100)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep])
+        logits = scale_logits(self.lm_head(hidden_states[:, keep]), self.config.text_config)
         loss = None
         if labels is not None:
             loss = self.loss_function(

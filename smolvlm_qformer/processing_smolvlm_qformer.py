@@ -8,45 +8,40 @@ queries. The chat template marks the assistant's words (`{% generation %}`), so 
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
+import re
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from jinja2 import TemplateError
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin, processing_utils
 from transformers.image_utils import load_image
 from transformers.processing_utils import MultiModalData, ProcessingKwargs
+
+from .configuration_smolvlm_qformer import DEFAULT_BACKBONES
 
 IMAGE_TOKEN = "<image>"
 QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_CAPTION_PROMPT = "Describe the image."
 
-# ChatML (SmolLM2's format); each turn ends with the tokenizer's end-of-sequence token, so generation stops at the
-# end of the turn. An {"type": "image"} part becomes the image marker; a conversation without a system turn gets the
-# default one, so the image sits between the system prompt and the user's words. The assistant's words and its end
-# of turn are the `generation` span: the tokens training puts the loss on.
+# The template for an LM whose tokenizer has none: ChatML, with the assistant's words and end of turn marked as the
+# `generation` span. Every template receives contents as strings (see `flatten_messages`).
 CHAT_TEMPLATE = (
-    "{% macro render(content) %}"
-    "{% if content is string %}{{ content }}"
-    "{% else %}{% for part in content %}"
-    "{% if part['type'] == 'image' %}" + IMAGE_TOKEN + "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% endmacro %}"
-    "{% if messages[0]['role'] != 'system' %}"
-    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "{{ eos_token }}\n"
-    "{% endif %}"
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ render(message['content']) }}{{ eos_token }}{% endgeneration %}"
-    "{% else %}{{ render(message['content']) }}{{ eos_token }}{% endif %}{{ '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -174,6 +169,248 @@ def describe_image(image: Any) -> str:
     return " ".join(str(part) for part in (type(image).__name__, getattr(image, "mode", None), size) if part)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Any LM's own chat template: images as markers, the system turn where the template keeps it, and the assistant's
+# words found in what the template renders (most templates have no `{% generation %}` span)
+# --------------------------------------------------------------------------------------------------------------
+
+# Rendering a conversation with each assistant text swapped for a sentinel shows where the template puts it; private-
+# use characters survive the `trim` / `strip` that templates apply.
+_SENTINEL = "\ue000{}\ue001"
+_SENTINEL_PATTERN = re.compile("\ue000(\\d+)\ue001")
+_GENERATION_PATTERN = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Template variables every render gets unless the caller sets them: the VLM answers directly, so templates that think
+# by default (Qwen3, SmolLM3) are rendered without it, in training and at inference alike.
+TEMPLATE_DEFAULTS = {"enable_thinking": False}
+
+
+def flatten_messages(conversation: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The messages with string contents (each image part written as the image marker, in place) and the images the
+    parts carry (`image`, `url` or `path`), in order: nearly every LM's template reads string contents only."""
+    messages, images = [], []
+    for message in conversation:
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            texts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image":
+                    texts.append(IMAGE_TOKEN)
+                    images.extend(part[key] for key in ("image", "url", "path") if part.get(key) is not None)
+                elif kind == "text":
+                    texts.append(part["text"])
+                else:
+                    raise ValueError(f"unsupported content part {part!r:.80} (expected type 'image' or 'text')")
+            content = "".join(texts)
+        messages.append({**message, "content": content})
+    return messages, images
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """What an LM's chat template does with a conversation, learned once by rendering probe conversations.
+
+    folds_system: the template rejects a system turn (Gemma 2) or drops it (Mistral, when the conversation ends with
+        the assistant): its text then goes before the first user turn's, as Gemma 3's template does itself.
+    end_of_turn: the special token the template writes right after an assistant turn's words (`<|im_end|>`,
+        `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, ...): labelled in training, and where generation stops.
+    """
+
+    folds_system: bool
+    end_of_turn: str | None
+
+    @classmethod
+    def of(cls, tokenizer: Any, template: str) -> ChatFormat:
+        def render(messages: list[dict[str, Any]]) -> str:
+            return render_chat(tokenizer, template, messages)
+
+        system = [{"role": "system", "content": "\ue002"}, {"role": "user", "content": "Hi"}]
+        try:
+            folds_system = "\ue002" not in render([*system, {"role": "assistant", "content": "Yo"}])
+        except TemplateError:
+            folds_system = True
+        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL.format(0)}]
+        after = render([*turns, {"role": "user", "content": "Bye"}]).split(_SENTINEL.format(0))[1]
+        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+        special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+        end_of_turn = tokenizer.convert_ids_to_tokens(first[0]) if first and first[0] in special else None
+        return cls(folds_system, end_of_turn)
+
+    def fit(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """String-content messages as this template can render them (a system turn folded where it must be)."""
+        if not (self.folds_system and messages and messages[0]["role"] == "system"):
+            return messages
+        system, rest = messages[0]["content"], list(messages[1:])
+        first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+        if first_user is not None:
+            rest[first_user] = {**rest[first_user], "content": f"{system}\n\n{rest[first_user]['content']}"}
+        return rest
+
+
+def render_chat(tokenizer: Any, template: str, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+    """The template's text for string-content messages (`TEMPLATE_DEFAULTS` under `kwargs`)."""
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, **{**TEMPLATE_DEFAULTS, **kwargs}
+    )
+
+
+def assistant_spans(
+    render: Callable[[list[dict[str, Any]]], str], messages: list[dict[str, Any]], end_of_turn: str | None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn's words and end-of-turn token in it.
+
+    The template renders the conversation once as it is and once with sentinels for the assistant texts: the text
+    between sentinels is the template's own, and each assistant text is what fills the gap (as given, or trimmed as
+    templates trim it). A `ValueError` when the template does not write every assistant turn once, in order."""
+    text = render(messages)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    sentinels = [dict(m) for m in messages]
+    for k, i in enumerate(assistant):
+        sentinels[i]["content"] = _SENTINEL.format(k)
+    pieces = _SENTINEL_PATTERN.split(render(sentinels))
+    literals = pieces[0::2]
+    if [int(k) for k in pieces[1::2]] != list(range(len(assistant))) or not text.startswith(literals[0]):
+        raise ValueError("the chat template does not write every assistant turn once, in order")
+    spans, position = [], len(literals[0])
+    for k, i in enumerate(assistant):
+        content, following = messages[i]["content"], literals[k + 1]
+        variants = (content, content.strip(), content.lstrip("\n"), content.rstrip())
+        written = next((v for v in variants if text.startswith(v + following, position)), None)
+        if written is None:
+            raise ValueError(f"the chat template changes assistant turn {k}'s text beyond trimming it")
+        end = position + len(written)
+        closed = end_of_turn is not None and text.startswith(end_of_turn, end)
+        spans.append((position, end + len(end_of_turn) * closed))
+        position = end + len(following)
+    return text, spans
+
+
+def with_generation_markers(tokenizer: Any, template: str, chat_format: ChatFormat) -> str | None:
+    """The template with `{% generation %}` around each assistant turn's words and end of turn, so that tools that
+    read the span from the template (transformers' `return_assistant_tokens_mask`, TRL's `assistant_only_loss`) get
+    the labels `assistant_spans` finds. The print that writes the message content is split at the content, inside an
+    `if` on the message's role; a rewrite is kept only if it renders probe conversations exactly as the template does
+    and marks exactly their assistant spans. None when no rewrite passes."""
+    for match in re.finditer(r"\{\{(-?)(.*?)(-?)\}\}", template, re.S):
+        operands = _split_concatenation(match.group(2))
+        content = next((k for k, op in enumerate(operands) if re.search(r"\bcontent\b", op)), None)
+        if content is None:
+            continue
+        owner = re.search(r"(\w+)(?:\[['\"]content['\"]\]|\.content\b)", operands[content])
+        loops = re.findall(r"\{%-?\s*for\s+(\w+)\s+in\s+messages\b", template[: match.start()])
+        message = owner.group(1) if owner else (loops[-1] if loops else None)
+        if message is None:
+            continue
+        newline = "\n" if template[match.end() : match.end() + 1] == "\n" else ""  # trim_blocks eats one after endif
+        for inside, after in _generation_splits(operands[content:], chat_format.end_of_turn):
+            before = " + ".join(operands[:content]) or "''"
+            rewritten = (
+                f"{{%{match.group(1)} if {message}.role == 'assistant' %}}{{{{ {before} }}}}"
+                f"{{% generation %}}{{{{ {inside} }}}}{{% endgeneration %}}{{{{ {after} }}}}"
+                f"{{% else %}}{match.group(0)}{{% endif {match.group(3)}%}}{newline}"
+            )
+            candidate = template[: match.start()] + rewritten + template[match.end() :]
+            if _marks_assistant_spans(tokenizer, template, candidate, chat_format):
+                return candidate
+    return None
+
+
+def _split_concatenation(expression: str) -> list[str]:
+    """A Jinja expression's top-level `+` operands (outside strings and brackets), stripped."""
+    operands, depth, quote, start = [], 0, None, 0
+    for index, char in enumerate(expression):
+        if quote:
+            quote = None if char == quote and expression[index - 1] != "\\" else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "+" and depth == 0:
+            operands.append(expression[start:index].strip())
+            start = index + 1
+    return [*operands, expression[start:].strip()]
+
+
+def _generation_splits(operands: list[str], end_of_turn: str | None) -> list[tuple[str, str]]:
+    """(inside, after) Jinja expressions: the content and the operands that follow it, cut after each operand, and
+    a string literal that starts with the end-of-turn token cut right after the token."""
+    splits = []
+    for cut in range(1, len(operands) + 1):
+        inside, after = operands[:cut], operands[cut:]
+        splits.append((" + ".join(inside), " + ".join(after) or "''"))
+        if after and end_of_turn:
+            try:
+                literal = ast.literal_eval(after[0])
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(literal, str) and literal.startswith(end_of_turn) and literal != end_of_turn:
+                rest = [repr(literal[len(end_of_turn) :]), *after[1:]]
+                splits.append((" + ".join([*inside, repr(end_of_turn)]), " + ".join(rest)))
+    return splits
+
+
+def _marks_assistant_spans(tokenizer: Any, template: str, candidate: str, chat_format: ChatFormat) -> bool:
+    """Whether `candidate` renders probe conversations as `template` does, with exactly their assistant spans as
+    `generation` (compared token by token, as `return_assistant_tokens_mask` gives them)."""
+    probes = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "And?"},
+            {"role": "assistant", "content": "Bye now"},
+        ],
+    ]
+    try:
+        for probe in probes:
+            probe = chat_format.fit(probe)
+            text, spans = assistant_spans(partial(render_chat, tokenizer, template), probe, chat_format.end_of_turn)
+            if render_chat(tokenizer, candidate, probe) != text:
+                return False
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            marked = tokenizer.apply_chat_template(
+                probe,
+                chat_template=candidate,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+                add_special_tokens=False,
+                **TEMPLATE_DEFAULTS,
+            )["assistant_masks"]
+            if list(marked) != _token_mask(encoded["offset_mapping"], spans):
+                return False
+    except (TemplateError, ValueError):
+        return False
+    return True
+
+
+def _as_lists(value: Any) -> list:
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token (given by its character span; padding is zero-width) that starts inside one of `spans`."""
+    return [int(end > start and any(s <= start < e for s, e in spans)) for start, end in offsets]
+
+
+# Processor arguments that 4.x-style callers pass among `apply_chat_template`'s keyword arguments.
+_PROCESSOR_ARGUMENTS = {
+    "images",
+    "padding",
+    "padding_side",
+    "truncation",
+    "max_length",
+    "pad_to_multiple_of",
+    "add_special_tokens",
+    "return_offsets_mapping",
+    "vision_hidden_states",
+    "return_mm_token_type_ids",
+}
+
+
 class SmolVLMQFormerProcessor(ProcessorMixin):
     """Prepares images and prompts for `SmolVLMQFormerForConditionalGeneration` (and, with `retrieval_inputs`,
     for the stage-1 `SmolVLMQFormerForImageTextRetrieval`).
@@ -210,23 +447,56 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         self.num_query_tokens = num_query_tokens
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+        self._chat_formats: dict[str, ChatFormat] = {}
+        template = chat_template or tokenizer.chat_template or CHAT_TEMPLATE
+        if not _GENERATION_PATTERN.search(template):
+            template = with_generation_markers(tokenizer, template, self._chat_format(template, tokenizer)) or template
+        super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=template)
 
     @classmethod
     def from_backbones(
         cls,
-        vision: str = "google/vit-base-patch16-224-in21k",
-        qformer: str = "distilbert-base-uncased",
-        language_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
-        num_query_tokens: int = 32,
+        vision: str = DEFAULT_BACKBONES["vision"],
+        qformer: str = DEFAULT_BACKBONES["qformer"],
+        language_model: str = DEFAULT_BACKBONES["language_model"],
+        num_query_tokens: int | None = None,
+        stage1: str | None = None,
     ) -> SmolVLMQFormerProcessor:
-        """The processor matching `from_backbones` models: each checkpoint's image processor or tokenizer."""
+        """The processor matching `from_backbones` models: the vision encoder's image processor and the Q-Former's
+        tokenizer (from `vision` and `qformer`, or the stage-1 folder `stage1`), and the LM's tokenizer with its own
+        chat template (ChatML if it has none). `num_query_tokens` defaults to stage 1's, else 32."""
+        if stage1 is not None:
+            # trust_remote_code: the folder carries our own code; without it, transformers asks on a terminal (15 s)
+            stage1_processor = cls.from_pretrained(stage1, trust_remote_code=True)
+            image_processor, qformer_tokenizer = stage1_processor.image_processor, stage1_processor.qformer_tokenizer
+            num_query_tokens = num_query_tokens or stage1_processor.num_query_tokens
+        else:
+            image_processor, qformer_tokenizer = (
+                AutoImageProcessor.from_pretrained(vision),
+                AutoTokenizer.from_pretrained(qformer),
+            )
         return cls(
-            AutoImageProcessor.from_pretrained(vision),
+            image_processor,
             AutoTokenizer.from_pretrained(language_model),
-            AutoTokenizer.from_pretrained(qformer),
-            num_query_tokens=num_query_tokens,
+            qformer_tokenizer,
+            num_query_tokens=num_query_tokens or 32,
         )
+
+    def _chat_format(self, template: str, tokenizer: Any = None) -> ChatFormat:
+        if template not in self._chat_formats:
+            self._chat_formats[template] = ChatFormat.of(tokenizer or self.tokenizer, template)
+        return self._chat_formats[template]
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        """What the processor's chat template does with system turns, and its end-of-turn token."""
+        return self._chat_format(self.chat_template)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Where generation stops: the template's end-of-turn token and the LM's end-of-sequence token."""
+        tokens = [self.chat_format.end_of_turn, self.tokenizer.eos_token]
+        return list(dict.fromkeys(self.tokenizer.convert_tokens_to_ids(t) for t in tokens if t is not None))
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
         """Saves the components, the Q-Former tokenizer in `qformer_tokenizer/`, and this file as remote code, in a
@@ -253,12 +523,77 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         )
         return processor
 
-    def build_prompt(self, question: str | None = None, system_prompt: str | None = None) -> str:
-        """The chat prompt for one image and a question (a captioning instruction if None), ready for generation."""
+    def build_prompt(self, question: str | None = None, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> str:
+        """The chat prompt for one image and a question (a captioning instruction if None), ready for generation.
+        Stage 2 trains every conversation with a system prompt, so one is given by default (None: the template's)."""
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         content = [{"type": "image"}, {"type": "text", "text": question or DEFAULT_CAPTION_PROMPT}]
         messages.append({"role": "user", "content": content})
         return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        return_assistant_tokens_mask: bool = False,
+        return_tensors: str | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> str | list[str] | BatchFeature | Any:
+        """transformers' `apply_chat_template` for any LM's template: contents become strings with an image marker per
+        image part, a system turn is folded into the first user turn where the template rejects or drops it, and
+        `assistant_masks` mark each assistant turn's words and end-of-turn token (`assistant_spans`), whether or not
+        the template has `{% generation %}` spans. Images come from the image parts (`image` / `url` / `path`) or
+        `processor_kwargs["images"]`. Processor arguments go in `processor_kwargs` (transformers 5) or, as in 4.x,
+        among `kwargs` when they are the processor's own; the other `kwargs` are template variables."""
+        processor_kwargs = dict(processor_kwargs or {})
+        for name in [n for n in kwargs if n in _PROCESSOR_ARGUMENTS]:
+            processor_kwargs[name] = kwargs.pop(name)
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        template = chat_template or self.chat_template
+        chat_format = self._chat_format(template)
+        render = partial(
+            render_chat,
+            self.tokenizer,
+            template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **kwargs,
+        )
+        prompts, images, spans = [], [], []
+        for messages in conversation if batched else [conversation]:
+            messages, found = flatten_messages(messages)
+            messages = chat_format.fit(messages)
+            images.extend(found)
+            if return_assistant_tokens_mask:
+                text, turns = assistant_spans(render, messages, chat_format.end_of_turn)
+                spans.append(turns)
+            else:
+                text = render(messages)
+            prompts.append(text)
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        images = processor_kwargs.pop("images", None) or images or None
+        if return_tensors not in (None, "auto"):
+            processor_kwargs["return_tensors"] = return_tensors
+        offsets = processor_kwargs.pop("return_offsets_mapping", False)
+        out = self(
+            text=prompts,
+            images=images,
+            return_offsets_mapping=return_assistant_tokens_mask or offsets,
+            **processor_kwargs,
+        )
+        if return_assistant_tokens_mask:
+            rows = out["offset_mapping"] if offsets else out.pop("offset_mapping")
+            masks = [
+                _token_mask(list(map(tuple, row)), turns) for row, turns in zip(_as_lists(rows), spans, strict=True)
+            ]
+            out["assistant_masks"] = torch.tensor(masks) if isinstance(out["input_ids"], torch.Tensor) else masks
+        return out if return_dict else out["input_ids"]
 
     @property
     def default_prompt_ids(self) -> list[int]:

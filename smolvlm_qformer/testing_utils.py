@@ -13,23 +13,26 @@ import random
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
+    CONFIG_MAPPING,
     AutoModel,
     AutoModelForCausalLM,
     DistilBertConfig,
     DistilBertModel,
     DistilBertTokenizerFast,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
     ViTImageProcessor,
 )
 
 from .configuration_smolvlm_qformer import SmolVLMQFormerConfig
-from .processing_smolvlm_qformer import EXIF_ORIENTATION, SmolVLMQFormerProcessor
+from .processing_smolvlm_qformer import EXIF_ORIENTATION, IMAGE_TOKEN, SmolVLMQFormerProcessor
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "brown", "teal"]
 SHAPES = ["circle", "square", "triangle", "rectangle", "star", "cross"]
@@ -72,6 +75,52 @@ def build_lm_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
         unk_token="<|endoftext|>",
         pad_token="<|im_end|>",
     )
+
+
+def build_chat_tokenizer(
+    chat_template: str | None, special_tokens: list[str], bos_token: str | None, eos_token: str
+) -> PreTrainedTokenizerFast:
+    """`build_lm_tokenizer`'s BPE with another LM's chat template and special tokens (its turn markers, bos, eos,
+    end of turn): a stand-in for that LM's tokenizer, as far as chat formatting goes."""
+    tokenizer = build_lm_tokenizer()
+    vocab = tokenizer.get_vocab()
+    new = [t for t in dict.fromkeys([*special_tokens, bos_token, eos_token]) if t and t not in vocab]
+    tokenizer.add_special_tokens({"additional_special_tokens": new})
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.chat_template = bos_token, eos_token, chat_template
+    return tokenizer
+
+
+# Per architecture, what a 2-layer, 32-wide LM of it needs beyond the common sizes.
+TINY_LM_OVERRIDES = {
+    "gemma": {"head_dim": 8},
+    "gemma2": {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8, "final_logit_softcapping": 30.0},
+    "gemma3_text": {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8},
+    "granite": {"logits_scaling": 2.0, "embedding_multiplier": 2.0},
+    "phi": {"partial_rotary_factor": 0.5},
+    "stablelm": {"partial_rotary_factor": 0.5},
+    "gpt2": {"n_inner": 64},
+}
+
+
+def tiny_lm_config(model_type: str, tokenizer: Any) -> PretrainedConfig:
+    """A 2-layer, 32-wide causal LM config of any architecture for `tokenizer`'s vocabulary (less the image token,
+    which lives only in the tokenizer), with weights wide enough for confident logits (as a pretrained LM's are)."""
+    vocab = len(tokenizer) - int(IMAGE_TOKEN in tokenizer.get_vocab())
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "initializer_range": 0.5,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": None,
+    }
+    return CONFIG_MAPPING[model_type](**{**common, **TINY_LM_OVERRIDES.get(model_type, {})})
 
 
 def build_qformer_tokenizer() -> DistilBertTokenizerFast:
@@ -168,11 +217,16 @@ def tiny_generation_model(config: SmolVLMQFormerConfig) -> torch.nn.Module:
 
 
 def save_tiny_backbones(
-    root: str | Path, processor: SmolVLMQFormerProcessor | None = None, seed: int = 0
+    root: str | Path,
+    processor: SmolVLMQFormerProcessor | None = None,
+    seed: int = 0,
+    lm_type: str = "llama",
+    lm_tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> dict[str, str]:
-    """Writes a tiny ViT (+ image processor), DistilBERT (+ tokenizer) and Llama LM (+ chat tokenizer) as three
-    pretrained folders, the stand-ins for the Hub checkpoints `from_backbones` takes; the same weights for the
-    same `seed`. Returns their paths."""
+    """Writes a tiny ViT (+ image processor), DistilBERT (+ tokenizer) and causal LM (+ chat tokenizer; by default a
+    Llama with `processor`'s template, else an `lm_type` for `lm_tokenizer`) as three pretrained folders, the
+    stand-ins for the Hub checkpoints `from_backbones` takes; the same weights for the same `seed`. Returns their
+    paths."""
     root = Path(root)
     processor = processor or tiny_processor()
     config = tiny_config(processor)
@@ -191,9 +245,13 @@ def save_tiny_backbones(
     )
     DistilBertModel(bert_config).save_pretrained(paths["qformer"])
     processor.qformer_tokenizer.save_pretrained(paths["qformer"])
-    AutoModelForCausalLM.from_config(config.text_config).save_pretrained(paths["language_model"])
-    lm_tokenizer = build_lm_tokenizer()
-    lm_tokenizer.chat_template = processor.chat_template
+    if lm_tokenizer is None:
+        lm_tokenizer = build_lm_tokenizer()
+        lm_tokenizer.chat_template = processor.chat_template
+        lm_config = config.text_config
+    else:
+        lm_config = tiny_lm_config(lm_type, lm_tokenizer)
+    AutoModelForCausalLM.from_config(lm_config).save_pretrained(paths["language_model"])
     lm_tokenizer.save_pretrained(paths["language_model"])
     return paths
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..configuration_smolvlm_qformer import DEFAULT_BACKBONES
 from ..hardware import bf16_is_fast
-from ..modeling_smolvlm_qformer import LORA_TARGET_MODULES
 
 # transformers 5.24 renamed `gradient_checkpointing_kwargs` (a deprecated alias until v6) to this
 CHECKPOINTING_KWARGS = next(
@@ -33,9 +33,10 @@ def groups_by_length(args: TrainingArguments) -> bool:
 class ModelArguments:
     """Which pretrained parts to assemble (Hub ids or local folders), and the new parts' sizes."""
 
-    vision_model: str = "google/vit-base-patch16-224-in21k"
-    qformer_model: str = "distilbert-base-uncased"
-    language_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    vision_model: str = DEFAULT_BACKBONES["vision"]
+    qformer_model: str = DEFAULT_BACKBONES["qformer"]
+    language_model: str = DEFAULT_BACKBONES["language_model"]
+    """Any causal LM on the Hub or in a folder (safetensors), with its tokenizer and chat template."""
     stage1_model: str | None = None
     """Stage 2: the stage-1 output folder (vision encoder + trained Q-Former + processor)."""
     num_query_tokens: int = 32
@@ -45,8 +46,10 @@ class ModelArguments:
     lora_r: int = 64
     lora_alpha: int = 128
     lora_dropout: float = 0.1
-    lora_target_modules: str = LORA_TARGET_MODULES
-    """Regex over full module names: the LM's attention projections; `LORA_ALL_LINEAR_MODULES` adds its MLP."""
+    lora_target_modules: str = "attention"
+    """Which of the LM's linear projections get LoRA: "attention" (its attention blocks'), "all-linear" (those and its
+    MLPs'), found per architecture (`SmolVLMQFormerForConditionalGeneration.lora_target_modules`); anything else is
+    a regex over full module names."""
     train_qformer: bool = True
     """Stage 2 trains the Q-Former's query path along with the adapter and LoRA (BLIP-2's recipe). False keeps it
     as stage 1 left it: on the demo's data, training it at the stage-2 learning rate sometimes erased what stage 1

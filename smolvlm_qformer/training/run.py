@@ -23,15 +23,21 @@ logger = logging.getLogger(__name__)
 
 
 def build_processor(model_args: ModelArguments) -> SmolVLMQFormerProcessor:
-    """The processor of `from_backbones` models; a checkpoint that cannot be loaded is an `OSError` naming the flag.
-    Stage 1 needs the LM's tokenizer too: it saves it with the processor for stage 2."""
+    """The processor of `from_backbones` models (stage 2: the stage-1 folder's image processor and Q-Former tokenizer
+    with the LM's tokenizer); a checkpoint that cannot be loaded is an `OSError` naming the flag. Stage 1 needs the
+    LM's tokenizer too: it saves it with the processor for stage 2."""
     try:
         return SmolVLMQFormerProcessor.from_backbones(
-            model_args.vision_model, model_args.qformer_model, model_args.language_model, model_args.num_query_tokens
+            model_args.vision_model,
+            model_args.qformer_model,
+            model_args.language_model,
+            num_query_tokens=model_args.num_query_tokens,
+            stage1=model_args.stage1_model,
         )
     except (OSError, ValueError) as error:  # ValueError: transformers 4.x's word for a path that is not there
         flags = (
-            "--vision_model, --qformer_model and --language_model (the LM's tokenizer: stage 1 saves it for stage 2)"
+            "--vision_model, --qformer_model (or --stage1_model) and --language_model (the LM's tokenizer: stage 1 "
+            "saves it for stage 2)"
         )
         raise OSError(f"{error}\nCheck {flags}: Hub ids or local folders.") from error
 
@@ -56,31 +62,27 @@ def build_stage2(model_args: ModelArguments, device: str = "cpu") -> tuple[PeftM
     that `lora_target_modules` names get LoRA, the adapter and (with `train_qformer`) the Q-Former's query path train
     in full (`SmolVLMQFormerForConditionalGeneration.trained_modules`), the rest is frozen (the frozen LM in
     `frozen_lm_dtype` for `device`, with `lm_attn_implementation`)."""
-    if model_args.stage1_model is not None:
-        # trust_remote_code: the folder carries our own code; without it, transformers asks on a terminal (15 s)
-        processor = SmolVLMQFormerProcessor.from_pretrained(model_args.stage1_model, trust_remote_code=True)
-        backbones = {"stage1": model_args.stage1_model}
-    else:
-        processor = build_processor(model_args)
-        backbones = {
-            "vision": model_args.vision_model,
-            "qformer": model_args.qformer_model,
-            "qformer_config": {"num_query_tokens": model_args.num_query_tokens},
-        }
+    processor = build_processor(model_args)
     model = SmolVLMQFormerForConditionalGeneration.from_backbones(
-        language_model=model_args.language_model, image_token_id=processor.image_token_id, **backbones
+        model_args.vision_model,
+        model_args.qformer_model,
+        model_args.language_model,
+        stage1=model_args.stage1_model,
+        processor=processor,
     )
-    model.config.default_prompt_ids = processor.default_prompt_ids
     if model_args.lm_attn_implementation is not None:
         model.model.language_model.set_attn_implementation(model_args.lm_attn_implementation)
     lora = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules,
+        target_modules=_lora_targets(model, model_args.lora_target_modules),
         modules_to_save=_trained_modules(model_args.train_qformer),
     )
     model = get_peft_model(model, lora)
+    names = model.targeted_module_names
+    kinds = sorted({re.sub(r"\.\d+\.", ".N.", name.split("language_model.")[-1]) for name in names})
+    logger.info("LoRA on %d modules of the LM: %s", len(names), ", ".join(kinds))
     if model_args.frozen_lm_dtype is not None:
         dtype = (
             fast_dtype(device) if model_args.frozen_lm_dtype == "auto" else getattr(torch, model_args.frozen_lm_dtype)
@@ -89,6 +91,12 @@ def build_stage2(model_args: ModelArguments, device: str = "cpu") -> tuple[PeftM
             if not param.requires_grad:  # LoRA's own weights stay float32
                 param.data = param.data.to(dtype)
     return model, processor
+
+
+def _lora_targets(model: SmolVLMQFormerForConditionalGeneration, targets: str) -> str:
+    """`ModelArguments.lora_target_modules` as peft's `target_modules`: "attention" / "all-linear" resolved for the
+    model's LM, anything else as the regex it is."""
+    return model.lora_target_modules(targets) if targets in ("attention", "all-linear") else targets
 
 
 def _trained_modules(train_qformer: bool) -> list[str]:
