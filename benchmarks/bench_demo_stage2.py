@@ -3,7 +3,7 @@
 as if asked alone, 5 images of 3 questions a step (the demo's default), against 16 question / caption rows a step
 (`--conversations false`) and 6 images of independently drawn questions, 1-9 an image (`--questions_per_image 0
 --stage2_batch_size 6`); and the default's batches with LoRA on the LM's attention projections only
-(`LORA_TARGET_MODULES`) instead of on every projection. A step is forward + backward + AdamW on a batch that the
+("attention") instead of on every projection. A step is forward + backward + AdamW on a batch that the
 demo's collator builds inside the timed step, as Trainer does, with the frozen LM in the dtype the demo picks for this
 machine. Interleaved in one process, so that a change of machine load hits every contender alike.
 
@@ -25,7 +25,6 @@ from smolvlm_qformer.assets import AssetPaths, fetch_assets
 from smolvlm_qformer.data import IndexedDataset, build_feature_cache
 from smolvlm_qformer.data.easy_vqa import easy_vqa_dataset
 from smolvlm_qformer.demo import DemoArguments, model_arguments, stage2_data, stage2_data_args
-from smolvlm_qformer.modeling_smolvlm_qformer import LORA_TARGET_MODULES
 from smolvlm_qformer.testing_utils import save_tiny_backbones, tiny_processor
 from smolvlm_qformer.training import build_stage1, build_stage2, stage2_collator
 
@@ -33,7 +32,7 @@ CONTENDERS = {
     "rows, 16 a step": {"conversations": False},
     "conversations, 5 images x 3 questions (default)": {},
     "conversations, 6 images, 1-9 questions": {"questions_per_image": 0, "stage2_batch_size": 6},
-    "the default, LoRA on attention only": {"lora_target_modules": LORA_TARGET_MODULES},
+    "the default, LoRA on attention only": {"lora_target_modules": "attention"},
 }
 
 

@@ -31,7 +31,7 @@ from torch.utils.flop_counter import (
 
 from smolvlm_qformer import SmolVLMQFormerConfig, SmolVLMQFormerForConditionalGeneration
 from smolvlm_qformer.hardware import bf16_is_fast, describe_cpu
-from smolvlm_qformer.modeling_smolvlm_qformer import LORA_TARGET_MODULES, scored_positions
+from smolvlm_qformer.modeling_smolvlm_qformer import scored_positions
 from smolvlm_qformer.testing_utils import tiny_config, tiny_processor
 from smolvlm_qformer.training import ModelArguments
 
@@ -143,7 +143,8 @@ def reference_config(tiny: bool = False) -> SmolVLMQFormerConfig:
 def stage2_model(config: SmolVLMQFormerConfig) -> PeftModel:
     """The stage-2 model wrapped for LoRA as `training.run.build_stage2` wraps it (r=64 on q/k/v/o by default; the
     Q-Former's query path and the adapter train in full)."""
-    return get_peft_model(SmolVLMQFormerForConditionalGeneration(config), lora_config(LORA_TARGET_MODULES))
+    model = SmolVLMQFormerForConditionalGeneration(config)
+    return get_peft_model(model, lora_config(model.lora_target_modules()))
 
 
 def lora_config(

@@ -23,7 +23,7 @@ from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 from trl import SFTConfig, SFTTrainer
 
-from smolvlm_qformer import LORA_ALL_LINEAR_MODULES, SmolVLMQFormerForConditionalGeneration
+from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration, SmolVLMQFormerProcessor
 from smolvlm_qformer.hardware import bf16_is_fast
 
 
@@ -42,9 +42,9 @@ def load_model(script: ScriptArguments):
     if script.model is not None:
         model = AutoModelForImageTextToText.from_pretrained(script.model, trust_remote_code=True)
         return model, AutoProcessor.from_pretrained(script.model, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(script.stage1_model, trust_remote_code=True)
+    processor = SmolVLMQFormerProcessor.from_backbones(language_model=script.language_model, stage1=script.stage1_model)
     model = SmolVLMQFormerForConditionalGeneration.from_backbones(
-        stage1=script.stage1_model, language_model=script.language_model, image_token_id=processor.image_token_id
+        stage1=script.stage1_model, language_model=script.language_model, processor=processor
     )
     return model, processor
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     lora = LoraConfig(
         r=script.lora_r,
         lora_alpha=2 * script.lora_r,
-        target_modules=LORA_ALL_LINEAR_MODULES,
+        target_modules=model.lora_target_modules("all-linear"),
         modules_to_save=model.trained_modules,  # the Q-Former's query path and the adapter train in full
     )
     trainer = SFTTrainer(

@@ -12,6 +12,7 @@ Shapes: B batch, Q queries, T text tokens, N image tokens, D Q-Former width, E c
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ except ImportError:  # transformers 4
     from torch.nn import init
 
 AttentionMode = Literal["unimodal", "bidirectional", "multimodal_causal"]
+
+# transformers 4.x has `pipeline("image-to-text")` (5.x folded it into "image-text-to-text").
+IMAGE_TO_TEXT_PIPELINE = importlib.util.find_spec("transformers.pipelines.image_to_text") is not None
 
 # What the running transformers release calls the KV cache, in model outputs and `forward` arguments: `cache` from
 # 5.24 on, `past_key_values` before. Read from the library's own output class, so it follows any release.
@@ -849,6 +853,13 @@ class SmolVLMQFormerModel(SmolVLMQFormerPreTrainedModel):
         )
 
 
+def decoder_of(lm: PreTrainedModel) -> nn.Module:
+    """A causal LM's decoder without its head (4.57's GPT-2 gives itself as `get_decoder()`, its Gemma 3 has no
+    `base_model`)."""
+    decoder = lm.get_decoder()
+    return lm.base_model if decoder is lm else decoder
+
+
 def lm_head_like(text_config: PretrainedConfig) -> nn.Linear:
     """An LM head of the shape the LM's own causal-LM class gives it (with a bias where it has one, as Phi's), built
     on the meta device to read it."""
@@ -867,6 +878,15 @@ def scale_logits(logits: torch.Tensor, text_config: PretrainedConfig) -> torch.T
     if (cap := getattr(text_config, "final_logit_softcapping", None)) is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def ignore_placeholder_labels(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A forward pre-hook: `labels` / `shift_labels` never score an image placeholder (callers may pass `input_ids`
+    as labels), whichever `forward` runs."""
+    for key in ("labels", "shift_labels"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = kwargs[key].masked_fill(kwargs[key] == model.config.image_token_id, -100)
+    return args, kwargs
 
 
 def scored_positions(labels: torch.LongTensor) -> tuple[torch.BoolTensor, torch.LongTensor]:
@@ -897,11 +917,18 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
     )
     # the LM head is sharded like its tied input embeddings under tensor parallelism (as LLaVA / Llama do)
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    main_input_name = "pixel_values" if IMAGE_TO_TEXT_PIPELINE else "input_ids"
+    """transformers 4.x's `pipeline("image-to-text")` passes the images to `generate` as the main input (see
+    `generate`); 5.x has no such pipeline, and `generate(inputs_embeds=...)` needs the prompt as the main input."""
     new_parameters = r"\.adapter\.|lora_"
     """Stage 2's parameters that start from scratch (they train at `new_parts_learning_rate`)."""
     qformer_trained_modules = ["qformer.queries", "qformer.embeddings.LayerNorm", "qformer.transformer"]
     """The Q-Former's query path. Its word and position embeddings are left frozen: the query path never reads them."""
     trained_modules = [*qformer_trained_modules, "adapter"]
+    accepts_loss_kwargs = False
+    """Callers' token counts (`num_items_in_batch`) may include image placeholders (TRL labels every token by
+    default), so `Trainer` lets each batch's loss average over its own labelled tokens; our `VLMTrainer`, whose
+    labels never hold a placeholder, passes its exact count."""
     """Stage 2 trains these in full (peft's `modules_to_save`), besides LoRA on the LM: the Q-Former's query path
     and the adapter (only the adapter with `ModelArguments.train_qformer=False`)."""
 
@@ -911,6 +938,8 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
         self.lm_head = lm_head_like(config.text_config)
         if isinstance(self._tied_weights_keys, dict):  # the LM names its token embeddings its own way (GPT-2: wte)
             self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{self.model.embedding_name}.weight"}
+        # a hook, not `forward`: TRL replaces `forward` with its fused LM head, which scores `labels` as given
+        self.register_forward_pre_hook(ignore_placeholder_labels, with_kwargs=True)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -968,7 +997,7 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
         model = cls(config)
         model.model.vision_model.load_state_dict(vision_model.state_dict())
         model.model.qformer.load_state_dict(qformer_model.state_dict())
-        model.model.language_model.load_state_dict(lm.base_model.state_dict())
+        model.model.language_model.load_state_dict(decoder_of(lm).state_dict())
         model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
         model.generation_config.eos_token_id = processor.stop_token_ids
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -1008,12 +1037,9 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
         hidden_states = outputs.last_hidden_state
         shift_labels = kwargs.pop("shift_labels", None)  # a caller's (already shifted) labels are used as given
         if labels is not None:
-            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
             if self.training and shift_labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
                 scored, shift_labels = scored_positions(labels)
                 hidden_states, shift_labels = hidden_states[scored][None], shift_labels[None]
-        if shift_labels is not None:
-            shift_labels = shift_labels.masked_fill(shift_labels == self.config.image_token_id, -100)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = scale_logits(self.lm_head(hidden_states[:, keep]), self.config.text_config)
         loss = None
@@ -1064,6 +1090,8 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
     ) -> torch.LongTensor:
         """`GenerationMixin.generate`, plus captioning from images alone: with no prompt (neither `input_ids` nor
         `inputs_embeds`) it is `config.default_prompt_ids` for each image, and only the new tokens are returned."""
+        if input_ids is not None and input_ids.is_floating_point():  # 4.x's image-to-text pipeline: the images
+            pixel_values, input_ids = input_ids, None
         caption_only = input_ids is None and "inputs_embeds" not in generate_kwargs
         if caption_only:
             images = pixel_values if pixel_values is not None else vision_hidden_states
@@ -1074,12 +1102,16 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
             attention_mask = torch.ones_like(input_ids)
         if pixel_values is not None:  # the frozen vision encoder runs once, at prefill
             vision_hidden_states = encode_images(self.model.vision_model, pixel_values, None).last_hidden_state
-        output = super().generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            vision_hidden_states=vision_hidden_states,
-            **generate_kwargs,
-        )
+        self.main_input_name = "input_ids"  # generation reads the prompt (or `inputs_embeds`) as its main input
+        try:
+            output = super().generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                vision_hidden_states=vision_hidden_states,
+                **generate_kwargs,
+            )
+        finally:
+            del self.main_input_name
         return output[:, input_ids.shape[1] :] if caption_only else output
 
 

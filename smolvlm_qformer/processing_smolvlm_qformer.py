@@ -469,7 +469,12 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
             # trust_remote_code: the folder carries our own code; without it, transformers asks on a terminal (15 s)
             stage1_processor = cls.from_pretrained(stage1, trust_remote_code=True)
             image_processor, qformer_tokenizer = stage1_processor.image_processor, stage1_processor.qformer_tokenizer
-            num_query_tokens = num_query_tokens or stage1_processor.num_query_tokens
+            if num_query_tokens not in (None, stage1_processor.num_query_tokens):
+                raise ValueError(
+                    f"num_query_tokens={num_query_tokens}, but the stage-1 Q-Former in {stage1} has "
+                    f"{stage1_processor.num_query_tokens} queries"
+                )
+            num_query_tokens = stage1_processor.num_query_tokens
         else:
             image_processor, qformer_tokenizer = (
                 AutoImageProcessor.from_pretrained(vision),

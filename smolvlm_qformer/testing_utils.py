@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import random
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -77,16 +78,21 @@ def build_lm_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     )
 
 
-def build_chat_tokenizer(
-    chat_template: str | None, special_tokens: list[str], bos_token: str | None, eos_token: str
-) -> PreTrainedTokenizerFast:
-    """`build_lm_tokenizer`'s BPE with another LM's chat template and special tokens (its turn markers, bos, eos,
-    end of turn): a stand-in for that LM's tokenizer, as far as chat formatting goes."""
+def build_chat_tokenizer(template: dict[str, Any] | None = None) -> PreTrainedTokenizerFast:
+    """`build_lm_tokenizer`'s BPE with another LM's chat template and special tokens (bos, eos, end of turn and the
+    special tokens of its turn markers), given as an entry of `shared/data/chat_templates.json`: a stand-in for that
+    LM's tokenizer as far as chat formatting goes. None: no chat template (ChatML's tokens, as SmolLM2's)."""
     tokenizer = build_lm_tokenizer()
+    if template is None:
+        return tokenizer
+    markers = re.findall(r"<\|[^|<>]+\|>|<[a-z_]+>|\[/?INST\]", "".join(template["turn_markers"]))
+    specials = [*markers, template["bos_token"], template["eos_token"], template["end_of_turn"]]
     vocab = tokenizer.get_vocab()
-    new = [t for t in dict.fromkeys([*special_tokens, bos_token, eos_token]) if t and t not in vocab]
-    tokenizer.add_special_tokens({"additional_special_tokens": new})
-    tokenizer.bos_token, tokenizer.eos_token, tokenizer.chat_template = bos_token, eos_token, chat_template
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [t for t in dict.fromkeys(specials) if t and t not in vocab]}
+    )
+    tokenizer.bos_token, tokenizer.eos_token = template["bos_token"], template["eos_token"]
+    tokenizer.chat_template = template["chat_template"]
     return tokenizer
 
 

@@ -87,6 +87,9 @@ def load(folder: Path) -> dict:
     vqa = pipeline("image-text-to-text", model=str(folder), trust_remote_code=True)
     out = vqa(images=test_image(), text=QUESTION, return_full_text=False, generate_kwargs=generate_kwargs)
     report["pipeline_answer"] = out[0]["generated_text"]
+    if transformers.__version__.startswith("4."):  # captioning with no prompt, as 4.x's image-to-text pipeline does it
+        captioner = pipeline("image-to-text", model=str(folder), trust_remote_code=True)
+        report["image_to_text_caption"] = captioner(test_image(), generate_kwargs=generate_kwargs)[0]["generated_text"]
     return report
 
 

@@ -29,14 +29,13 @@ def _assert_same_weights(module, reference, new: tuple[str, ...] = ()):
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
 
 
-def test_from_backbones_loads_each_checkpoint_and_freezes_vision(config, tmp_path):
+def test_from_backbones_loads_each_checkpoint_and_freezes_vision(config, processor, tmp_path):
     vision, distilbert, lm = _save_backbones(config, tmp_path)
     model = SmolVLMQFormerForConditionalGeneration.from_backbones(
         vision=str(tmp_path / "vision"),
         qformer=str(tmp_path / "qformer"),
         language_model=str(tmp_path / "lm"),
-        qformer_config={"num_query_tokens": 4},
-        image_token_id=config.image_token_id,
+        processor=processor,
     )
     _assert_same_weights(model.model.vision_model, vision)
     cross_attention = tuple(f"transformer.layer.{i}.crossattention." for i in range(0, 2, 2))
@@ -48,12 +47,12 @@ def test_from_backbones_loads_each_checkpoint_and_freezes_vision(config, tmp_pat
     assert not any(p.requires_grad for p in model.model.vision_model.parameters())
 
 
-def test_stage_two_starts_from_the_stage_one_checkpoint(config, tmp_path):
+def test_stage_two_starts_from_the_stage_one_checkpoint(config, processor, tmp_path):
     _save_backbones(config, tmp_path)
     stage1 = SmolVLMQFormerForImageTextRetrieval(config)
     stage1.save_pretrained(tmp_path / "stage1")
     model = SmolVLMQFormerForConditionalGeneration.from_backbones(
-        stage1=str(tmp_path / "stage1"), language_model=str(tmp_path / "lm")
+        stage1=str(tmp_path / "stage1"), language_model=str(tmp_path / "lm"), processor=processor
     )
     _assert_same_weights(model.model.qformer, stage1.qformer)
     _assert_same_weights(model.model.vision_model, stage1.vision_model)

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from smolvlm_qformer import LORA_TARGET_MODULES, SmolVLMQFormerForConditionalGeneration
+from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration
 from smolvlm_qformer.testing_utils import tiny_config
 
 QUESTIONS = ["What colour is the shape?", "What shape?"]
@@ -162,7 +162,9 @@ def test_with_lora_disabled_and_no_image_logits_equal_the_bare_lm(model, process
     bare_lm = AutoModelForCausalLM.from_config(model.config.text_config).eval()
     bare_lm.model.load_state_dict(model.model.language_model.state_dict())
     bare_lm.lm_head.load_state_dict(model.lm_head.state_dict())
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGET_MODULES, init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=model.lora_target_modules(), init_lora_weights=False)
+    )
     lora_modules = [name for name, _ in peft_model.named_modules() if name.endswith("lora_A")]
     assert lora_modules and all(".language_model." in name for name in lora_modules)
     assert len(lora_modules) == 4 * model.config.text_config.num_hidden_layers
@@ -251,7 +253,7 @@ def test_default_lora_on_smollm2_shapes_is_about_eight_million_parameters():
 
     with torch.device("meta"):
         model = SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerConfig())
-    peft_model = get_peft_model(model, LoraConfig(r=64, target_modules=LORA_TARGET_MODULES))
+    peft_model = get_peft_model(model, LoraConfig(r=64, target_modules=model.lora_target_modules()))
     lora = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
     assert lora == 30 * 64 * ((576 + 576) * 2 + (576 + 192) * 2)  # q, o: 576->576; k, v: 576->192
     assert 7.3e6 < lora < 7.5e6

@@ -14,7 +14,7 @@ from peft import LoraConfig
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-from smolvlm_qformer import LORA_ALL_LINEAR_MODULES, SmolVLMQFormerForConditionalGeneration
+from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration
 from smolvlm_qformer.testing_utils import tiny_config
 
 trl = pytest.importorskip("trl", reason="TRL is in the test extra")
@@ -57,10 +57,10 @@ def _trainer(folder, output_dir, **config):
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     args = trl.SFTConfig(
         output_dir=str(output_dir),
-        max_steps=40,
+        max_steps=config.pop("max_steps", 40),
         per_device_train_batch_size=8,
         learning_rate=5e-3,
-        assistant_only_loss=True,
+        assistant_only_loss=config.pop("assistant_only_loss", True),
         logging_steps=5,
         save_strategy="no",
         report_to=[],
@@ -69,7 +69,12 @@ def _trainer(folder, output_dir, **config):
         seed=0,
         **config,
     )
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_ALL_LINEAR_MODULES, modules_to_save=model.trained_modules)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=model.lora_target_modules("all-linear"),
+        modules_to_save=model.trained_modules,
+    )
     return trl.SFTTrainer(
         model=model, args=args, train_dataset=_dataset(), processing_class=processor, peft_config=lora
     )
@@ -86,6 +91,29 @@ def test_only_the_assistant_words_carry_labels(folder, tmp_path):
         labelled = processor.decode(labels[row][labels[row] != -100])
         assert labelled == f"{list(COLOURS)[row]}{processor.tokenizer.eos_token}"
         assert (ids[row] == processor.image_token_id).sum() == processor.num_query_tokens
+
+
+def test_trl_defaults_never_score_the_image_placeholders(folder, tmp_path):
+    """TRL's default labels every token, the image placeholders included: the loss its fused LM head computes is the
+    mean over every labelled token but the placeholders, and the loss falls."""
+    trainer = _trainer(folder, tmp_path, assistant_only_loss=False, max_steps=20)
+    assert not trainer.model_accepts_loss_kwargs  # each batch averages over its own labelled tokens
+    processor = trainer.processing_class
+    batch = trainer._prepare_inputs(trainer.data_collator([_dataset()[i] for i in range(4)]))
+    labels = batch["labels"]
+    assert (labels == processor.image_token_id).sum() == 4 * processor.num_query_tokens  # TRL labels them
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        logits = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    expected_labels = labels.masked_fill(labels == processor.image_token_id, -100)[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), expected_labels.flatten())
+    torch.testing.assert_close(loss, expected)
+
+    trainer.model.train()
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0] / 2, losses
 
 
 def test_sft_trainer_lowers_the_loss_and_saves_a_folder_that_loads(folder, tmp_path):

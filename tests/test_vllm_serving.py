@@ -42,6 +42,14 @@ def test_vllm_serves_the_same_greedy_tokens_as_transformers(tmp_path):
     assert {"caption_image0", "question_image2", "text_only", "chat:question_image0"} <= set(report["cases"])
 
 
+@pytest.mark.parametrize("template", ["meta-llama/Llama-3.2-1B-Instruct", "google/gemma-3-270m-it"])
+def test_vllm_serves_lms_of_other_chat_templates_with_the_same_greedy_tokens(tmp_path, template):
+    """An LM with Llama 3's template (its header tokens, a system block with today's date) and one with Gemma 3's
+    (no system role, `model` turns): prompts rendered through vLLM's chat entry point equal ours."""
+    report = serve_report(tmp_path, "--template", template)
+    assert {"caption_image0", "question_image2", "text_only", "chat:question_image0"} <= set(report["cases"])
+
+
 def test_openai_server_answers_chat_completions_with_the_same_greedy_tokens(tmp_path):
     report = serve_report(tmp_path, "--server")
     assert {"caption_image0", "question_image2", "text_only"} <= set(report["cases"])

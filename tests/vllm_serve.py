@@ -1,10 +1,11 @@
 """vLLM's transformers backend serving a saved tiny folder, token for token against transformers' `generate`.
 
-`python tests/vllm_serve.py FOLDER [--server]` (in an environment with vLLM and this package installed) saves a tiny
-model + processor to FOLDER, generates greedily from it with transformers and with vLLM (each in a fresh process that
-loads only the folder's remote code), and prints `REPORT {json}`: per case whether the prompt ids and the generated
-ids agree, the timings, and `all_equal`. Exit status 0 when everything agrees. test_vllm_serving.py runs it with
-`$SMOLVLM_VLLM_PYTHON`.
+`python tests/vllm_serve.py FOLDER [--server] [--template NAME]` (in an environment with vLLM and this package
+installed) saves a tiny model + processor to FOLDER (its LM's tokenizer with the chat template of NAME, an entry of
+`shared/data/chat_templates.json`, or none: ChatML), generates greedily from it with transformers and with vLLM
+(each in a fresh process that loads only the folder's remote code), and prints `REPORT {json}`: per case whether the
+prompt ids and the generated ids agree, the timings, and `all_equal`. Exit status 0 when everything agrees.
+test_vllm_serving.py runs it with `$SMOLVLM_VLLM_PYTHON`.
 
 vLLM is its offline `LLM`, or with `--server` its OpenAI-compatible server as `smolvlm-qformer serve FOLDER` starts it
 (on 127.0.0.1, a free port, stopped at the end), asked through HTTP chat completions with the images as base64 data
@@ -39,6 +40,7 @@ HEAD_DIM = 32
 QUESTION = "What colour is the shape?"
 CAPTION_INSTRUCTION = "Describe the image."  # what `build_prompt(None)` asks; the compared prompt ids check it
 EXAMPLE_CLIENT = Path(__file__).resolve().parents[1] / "examples" / "openai_client.py"
+TEMPLATES = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat_templates.json"
 SERVER_START_TIMEOUT = 600  # seconds; the tiny folder's server is up in about 40 s on an idle 2-core machine
 CASES = [  # name, question (None: the captioning prompt), image seed (None: text only)
     ("caption_image0", None, 0),
@@ -54,13 +56,22 @@ def test_image(seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (40 + seed, 48, 3), dtype=np.uint8))
 
 
-def save(folder: Path) -> None:
+def save(folder: Path, template: str | None = None) -> None:
     import torch
 
-    from smolvlm_qformer.testing_utils import tiny_config, tiny_generation_model, tiny_processor
+    from smolvlm_qformer import SmolVLMQFormerProcessor
+    from smolvlm_qformer.testing_utils import build_chat_tokenizer, tiny_config, tiny_generation_model, tiny_processor
 
     torch.manual_seed(0)
     processor = tiny_processor()
+    if template is not None:
+        entry = json.loads(TEMPLATES.read_text(encoding="utf-8"))[template]
+        processor = SmolVLMQFormerProcessor(
+            processor.image_processor,
+            build_chat_tokenizer(entry),
+            processor.qformer_tokenizer,
+            num_query_tokens=processor.num_query_tokens,
+        )
     config = tiny_config(processor)
     config.text_config.head_dim = HEAD_DIM
     model = tiny_generation_model(config)
@@ -282,9 +293,10 @@ def _in_fresh_process(side: str, folder: Path) -> dict:
     return json.loads(line[len("SIDE ") :])
 
 
-def compare(folder: Path, side: str = "vllm") -> dict:
-    """transformers against `side` ("vllm", the offline `LLM`, or "server") on a tiny folder saved to `folder`."""
-    save(folder)
+def compare(folder: Path, side: str = "vllm", template: str | None = None) -> dict:
+    """transformers against `side` ("vllm", the offline `LLM`, or "server") on a tiny folder saved to `folder` (with
+    `template`'s chat template, see `save`)."""
+    save(folder, template)
     reference, served = _in_fresh_process("transformers", folder), _in_fresh_process(side, folder)
     cases = {}
     for name, got in served["cases"].items():
@@ -317,6 +329,8 @@ if __name__ == "__main__":  # vLLM starts its workers with spawn: nothing may ru
         sys.modules["smolvlm_qformer"] = None  # everything must come from the folder's remote code
         print("SIDE " + json.dumps(SIDES[sys.argv[2]](sys.argv[3])), flush=True)
     else:
-        report = compare(Path(sys.argv[1]), "server" if "--server" in sys.argv[2:] else "vllm")
+        flags = sys.argv[2:]
+        template = flags[flags.index("--template") + 1] if "--template" in flags else None
+        report = compare(Path(sys.argv[1]), "server" if "--server" in flags else "vllm", template)
         print("REPORT " + json.dumps(report))
         sys.exit(0 if report["all_equal"] else 1)

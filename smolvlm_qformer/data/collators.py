@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jinja2 import TemplateError
 
 from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
 from .conversations import BadRow, Conversation, conversation_from_row, independent_exchanges
@@ -176,7 +177,12 @@ class ChatCollator:
         return Conversation(messages, conversation.images[: Conversation(messages, []).num_image_parts]), dropped
 
     def _length(self, messages: list[dict]) -> int:
-        prompt = self.processor.apply_chat_template(messages, tokenize=False)
+        """Tokens of the conversation as the chat template writes it; `BadRow` if the template cannot (a role or
+        order it rejects, assistant text it rewrites)."""
+        try:
+            prompt = self.processor.apply_chat_template(messages, tokenize=False, return_assistant_tokens_mask=True)
+        except (TemplateError, ValueError) as error:
+            raise BadRow(f"the chat template cannot render it: {error}") from error
         return len(self.processor.encode_text([prompt], padding=False)["input_ids"][0])
 
 

@@ -39,7 +39,8 @@ class ModelArguments:
     """Any causal LM on the Hub or in a folder (safetensors), with its tokenizer and chat template."""
     stage1_model: str | None = None
     """Stage 2: the stage-1 output folder (vision encoder + trained Q-Former + processor)."""
-    num_query_tokens: int = 32
+    num_query_tokens: int | None = None
+    """Learnable queries, the image tokens the LM sees: 32 by default; stage 2 takes stage 1's."""
     losses: list[str] = field(default_factory=lambda: ["itc"])
     """Stage-1 losses, any of itc / itm / itg."""
     loss_weights: list[float] | None = None

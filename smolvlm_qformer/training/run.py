@@ -45,7 +45,7 @@ def build_processor(model_args: ModelArguments) -> SmolVLMQFormerProcessor:
 def build_stage1(model_args: ModelArguments) -> tuple[SmolVLMQFormerForImageTextRetrieval, SmolVLMQFormerProcessor]:
     """The retrieval model from the vision encoder and DistilBERT checkpoints, and its processor."""
     processor = build_processor(model_args)
-    qformer_config = {"num_query_tokens": model_args.num_query_tokens, "losses": model_args.losses}
+    qformer_config = {"num_query_tokens": processor.num_query_tokens, "losses": model_args.losses}
     if model_args.loss_weights is not None:
         qformer_config["loss_weights"] = model_args.loss_weights
     model = SmolVLMQFormerForImageTextRetrieval.from_backbones(

@@ -178,3 +178,5 @@ class VLMTrainer(_SmolVLMTrainer):
         kwargs.setdefault("compute_metrics", answer_accuracy)
         kwargs.setdefault("preprocess_logits_for_metrics", _argmax_logits)
         super().__init__(*args, **kwargs)
+        # our collator never labels an image placeholder: the token count over the accumulated batches is exact
+        self.model_accepts_loss_kwargs = True
