@@ -287,3 +287,18 @@ def test_a_conversation_the_template_rejects_is_a_counted_skip(caplog):
     assert int(batch["num_skipped"]) == 1 and batch["input_ids"].shape[0] == 1
     assert "skipping sample 7: the chat template cannot render it" in caplog.text
     assert "alternate" in caplog.text
+
+
+@needs_templates
+def test_smollm2s_own_template_writes_the_prompts_the_chatml_fallback_wrote():
+    """The default LM now renders with its own template: with the system prompt stage 2 always gives, its prompts and
+    training conversations are the same text as before (the demo's figures stand)."""
+    own, fallback = processor_for(chat_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")), tiny_processor()
+    conversation = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
+        {"role": "assistant", "content": "red"},
+    ]
+    assert own.apply_chat_template(conversation) == fallback.apply_chat_template(conversation)
+    assert own.build_prompt("What shape?") == fallback.build_prompt("What shape?")
+    assert own.build_prompt() == fallback.build_prompt()

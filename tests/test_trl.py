@@ -1,6 +1,7 @@
 """TRL's `SFTTrainer` as a client: a saved folder loaded through the Auto classes trains stage 2 on a messages +
 images dataset with LoRA, the loss falls, only the assistant's words carry labels, and the saved folder loads."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ from peft import LoraConfig
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration
-from smolvlm_qformer.testing_utils import tiny_config
+from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration, SmolVLMQFormerProcessor
+from smolvlm_qformer.testing_utils import build_chat_tokenizer, tiny_config, tiny_processor
 
 trl = pytest.importorskip("trl", reason="TRL is in the test extra")
 pytestmark = pytest.mark.skipif(
@@ -78,6 +79,53 @@ def _trainer(folder, output_dir, **config):
     return trl.SFTTrainer(
         model=model, args=args, train_dataset=_dataset(), processing_class=processor, peft_config=lora
     )
+
+
+TEMPLATES_FILE = Path(__file__).parents[2] / "shared" / "data" / "chat_templates.json"
+
+
+@pytest.fixture(scope="module", params=["meta-llama/Llama-3.2-1B-Instruct", "google/gemma-3-270m-it"])
+def template_folder(request, tmp_path_factory):
+    """A stage-2 folder whose LM has another LM's chat template (a Llama 3 one, a Gemma one)."""
+    if not TEMPLATES_FILE.exists():
+        pytest.skip(f"{TEMPLATES_FILE} is missing")
+    entry = json.loads(TEMPLATES_FILE.read_text(encoding="utf-8"))[request.param]
+    base = tiny_processor()
+    processor = SmolVLMQFormerProcessor(
+        base.image_processor, build_chat_tokenizer(entry), base.qformer_tokenizer, num_query_tokens=4
+    )
+    path = tmp_path_factory.mktemp("vlm")
+    torch.manual_seed(0)
+    SmolVLMQFormerForConditionalGeneration(tiny_config(processor)).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path, entry["end_of_turn"]
+
+
+@pytest.mark.parametrize("assistant_only_loss", [True, False], ids=["assistant-only", "default"])
+def test_other_chat_templates_train_with_trl(template_folder, tmp_path, assistant_only_loss):
+    """With the LM's own template: assistant-only labels are the answer and the template's end of turn; TRL's
+    default labels everything but pads and never scores the image placeholders; a few steps lower the loss."""
+    folder, end_of_turn = template_folder
+    trainer = _trainer(folder, tmp_path, assistant_only_loss=assistant_only_loss, max_steps=12)
+    processor = trainer.processing_class
+    batch = trainer._prepare_inputs(trainer.data_collator([_dataset()[i] for i in range(4)]))
+    labels = batch["labels"]
+    if assistant_only_loss:
+        for row in range(4):
+            assert processor.decode(labels[row][labels[row] != -100]) == f"{list(COLOURS)[row]}{end_of_turn}"
+    else:
+        assert ((labels != -100) == batch["attention_mask"].bool()).all()
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        logits = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    expected_labels = labels.masked_fill(labels == processor.image_token_id, -100)[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), expected_labels.flatten())
+    torch.testing.assert_close(loss, expected)
+    trainer.model.train()
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0], losses
 
 
 def test_only_the_assistant_words_carry_labels(folder, tmp_path):
