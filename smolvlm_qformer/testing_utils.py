@@ -124,6 +124,7 @@ def tiny_lm_config(model_type: str, tokenizer: Any) -> PretrainedConfig:
         "tie_word_embeddings": True,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
+        # no padding_idx: it would zero <|im_end|>'s (tied) embedding, which a pretrained LM has learned
         "pad_token_id": None,
     }
     return CONFIG_MAPPING[model_type](**{**common, **TINY_LM_OVERRIDES.get(model_type, {})})
@@ -162,7 +163,6 @@ def tiny_processor(image_size: int = 32, num_query_tokens: int = 4) -> SmolVLMQF
 def tiny_config(processor: SmolVLMQFormerProcessor | None = None, **qformer_kwargs) -> SmolVLMQFormerConfig:
     """Vision 2 layers x 32 wide, Q-Former 2 layers x 32, LM 2 layers x 32: a model that runs in milliseconds."""
     processor = processor or tiny_processor()
-    lm_vocab = len(processor.tokenizer) - 1  # the image token lives only in the tokenizer
     image_size = processor.image_processor.size["height"]
     return SmolVLMQFormerConfig(
         vision_config={
@@ -187,23 +187,7 @@ def tiny_config(processor: SmolVLMQFormerProcessor | None = None, **qformer_kwar
             "initializer_range": 0.2,
             **qformer_kwargs,
         },
-        text_config={
-            "model_type": "llama",
-            "vocab_size": lm_vocab,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 256,
-            # Wide enough that the frozen, tied embeddings allow confident logits (as a pretrained LM's do).
-            "initializer_range": 0.5,
-            "tie_word_embeddings": True,
-            "bos_token_id": processor.tokenizer.bos_token_id,
-            "eos_token_id": processor.tokenizer.eos_token_id,
-            # no padding_idx: it would zero <|im_end|>'s (tied) embedding, which a pretrained LM has learned
-            "pad_token_id": None,
-        },
+        text_config=tiny_lm_config("llama", processor.tokenizer),
         image_token_id=processor.image_token_id,
         default_prompt_ids=processor.default_prompt_ids,
     )

@@ -81,6 +81,18 @@ def _trainer(folder, output_dir, **config):
     )
 
 
+def assert_loss_skips_the_placeholders(trainer, batch) -> None:
+    """TRL's loss on `batch` is the mean cross-entropy over its labelled tokens, the image placeholders left out."""
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        logits = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    labels = batch["labels"]
+    expected_labels = labels.masked_fill(labels == trainer.processing_class.image_token_id, -100)[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), expected_labels.flatten())
+    torch.testing.assert_close(loss, expected)
+
+
 TEMPLATES_FILE = Path(__file__).parents[2] / "shared" / "data" / "chat_templates.json"
 
 
@@ -115,13 +127,7 @@ def test_other_chat_templates_train_with_trl(template_folder, tmp_path, assistan
             assert processor.decode(labels[row][labels[row] != -100]) == f"{list(COLOURS)[row]}{end_of_turn}"
     else:
         assert ((labels != -100) == batch["attention_mask"].bool()).all()
-    trainer.model.eval()
-    with torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, dict(batch))
-        logits = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    expected_labels = labels.masked_fill(labels == processor.image_token_id, -100)[:, 1:]
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), expected_labels.flatten())
-    torch.testing.assert_close(loss, expected)
+    assert_loss_skips_the_placeholders(trainer, batch)
     trainer.model.train()
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -150,13 +156,7 @@ def test_trl_defaults_never_score_the_image_placeholders(folder, tmp_path):
     batch = trainer._prepare_inputs(trainer.data_collator([_dataset()[i] for i in range(4)]))
     labels = batch["labels"]
     assert (labels == processor.image_token_id).sum() == 4 * processor.num_query_tokens  # TRL labels them
-    trainer.model.eval()
-    with torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, dict(batch))
-        logits = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    expected_labels = labels.masked_fill(labels == processor.image_token_id, -100)[:, 1:]
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), expected_labels.flatten())
-    torch.testing.assert_close(loss, expected)
+    assert_loss_skips_the_placeholders(trainer, batch)
 
     trainer.model.train()
     trainer.train()
