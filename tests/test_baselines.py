@@ -141,7 +141,7 @@ def test_format_results_puts_baselines_beside_the_model():
     assert lines[2].split() == ["cider_d", "0.5000", "0.2500"]
     assert lines[3].split() == ["caption_accuracy", "0.7500", "0.6250", "0.8750"]
     assert ["baseline_num_train_images", "40"] in [line.split() for line in lines]
-    assert "nearest training image" in lines[-1]
+    assert "nearest training image" in lines[-2] and lines[-1].startswith("probe: a linear probe")
 
 
 @pytest.fixture(scope="module")

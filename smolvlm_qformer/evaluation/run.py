@@ -393,10 +393,11 @@ def evaluate_model(args: EvaluateArguments, data_args: DataArguments) -> dict[st
 
 
 BASELINE_COLUMNS = {"nearest_neighbour": "nearest", "linear_probe": "probe"}
-BASELINES_NOTE = (
-    "nearest: the caption / answer of the nearest training image (cosine of the frozen vision encoder's pooled "
-    "features); probe: a linear probe on those features (class-like captions only)"
-)
+BASELINE_NOTES = {
+    "nearest": "the caption / answer of the nearest training image (cosine of the frozen vision encoder's pooled "
+    "features)",
+    "probe": "a linear probe on those features predicting the caption (class-like captions)",
+}
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -416,6 +417,5 @@ def format_results(results: dict[str, Any]) -> str:
         values = [column.get(name) for column in columns.values()]
         lines.append(f"  {name:<{width}}" + "".join(f"{'':>10}" if v is None else f"{v:>10.4f}" for v in values))
     lines += [f"  {name:<{width}}{value:>10d}" for name, value in counts.items()]
-    if len(columns) > 1:
-        lines.append(BASELINES_NOTE)
+    lines += [f"{label}: {BASELINE_NOTES[label]}" for label in list(columns)[1:]]
     return "\n".join(lines)
