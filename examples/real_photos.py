@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     output = Path(args.output_dir)
     photo_set = build_photo_set(args)
+    shutil.rmtree(output / "cache", ignore_errors=True)  # the features of the files just written: a new cache
     print(json.dumps(photo_set, indent=2))
     backbones = fetch_assets(args.assets_dir)
     data = ["--dataset", "imagefolder", "--data_dir", photo_set["data_dir"], "--eval_split", "test"]
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "train_qformer": run_stage(
             "train-qformer",
             *("--vision_model", str(backbones.vision), "--qformer_model", str(backbones.qformer)),
+            *("--language_model", str(backbones.language_model)),  # its tokenizer, saved for stage 2
             *data,
             *cache,
             *steps,
