@@ -273,6 +273,88 @@ def load_vision_encoder(folder: str, device: str = "cpu") -> tuple[torch.nn.Modu
     return vision_model.to(device).eval(), image_processor.image_processor
 
 
+@dataclass
+class PooledImages:
+    """The pooled vision features of a split's readable images (`baselines.pool_features`), by image key."""
+
+    rows: dict[str, int]
+    features: torch.Tensor
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def of(self, keys: Sequence[str]) -> torch.Tensor:
+        return self.features[[self.rows[key] for key in keys]].view(len(keys), self.features.shape[-1])
+
+
+def nearest_generation_baseline(
+    grouped: EvaluationRows, train: EvaluationRows, pooled: PooledImages, train_pooled: PooledImages
+) -> dict[str, float]:
+    """`generation_metrics` of the nearest training image's caption for each captioned image, and of the answer of
+    the nearest training image asked the same question for each question (empty, so wrong, where none was)."""
+    train_items = [(key, None, captions[0]) for key, captions in train.captions.items() if key in train_pooled]
+    train_items += [
+        (key, question, Counter(answers).most_common(1)[0][0])
+        for (key, question), answers in train.answers.items()
+        if key in train_pooled
+    ]
+    caption_keys = [key for key in grouped.captions if key in pooled]
+    queries = [(key, None) for key in caption_keys] + [query for query in grouped.answers if query[0] in pooled]
+    predictions = nearest_targets(
+        pooled.of([key for key, _ in queries]),
+        [key for key, _ in queries],
+        [question for _, question in queries],
+        train_pooled.of([key for key, _, _ in train_items]),
+        [key for key, _, _ in train_items],
+        [question for _, question, _ in train_items],
+        [target for _, _, target in train_items],
+    )
+    predictions = ["" if prediction is None else prediction for prediction in predictions]  # no neighbour: wrong
+    caption_predictions = zip(predictions[: len(caption_keys)], caption_keys, strict=True)
+    captions = [(prediction, grouped.captions[key]) for prediction, key in caption_predictions]
+    answers = [  # one score per question row, as the model's
+        (prediction, answer)
+        for prediction, query in zip(predictions[len(caption_keys) :], queries[len(caption_keys) :], strict=True)
+        for answer in grouped.answers[query]
+    ]
+    return generation_metrics(*_unzip(captions), *_unzip(answers))
+
+
+def nearest_retrieval_baseline(
+    grouped: EvaluationRows, train: EvaluationRows, pooled: PooledImages, train_pooled: PooledImages
+) -> dict[str, float]:
+    """R@K both ways when each image scores each text by its similarity to the nearest training image with it."""
+    keys = [key for key, texts in grouped.retrieval_texts.items() if texts and key in pooled]
+    if not keys:
+        return {}
+    texts = list(dict.fromkeys(text for key in keys for text in grouped.retrieval_texts[key]))
+    train_keys = [key for key, texts in train.retrieval_texts.items() if texts and key in train_pooled]
+    scores = nearest_text_scores(
+        pooled.of(keys),
+        keys,
+        train_pooled.of(train_keys),
+        train_keys,
+        [train.retrieval_texts[key] for key in train_keys],
+        texts,
+    )
+    positives = torch.tensor([[text in grouped.retrieval_texts[key] for text in texts] for key in keys])
+    return retrieval_recall_at_k(scores, positives, RECALL_KS)
+
+
+def probe_baseline(
+    grouped: EvaluationRows, train: EvaluationRows, pooled: PooledImages, train_pooled: PooledImages
+) -> dict[str, float] | None:
+    """A linear probe's `caption_accuracy` where the training captions are class-like (`is_class_like`), else None."""
+    train_keys = [key for key in train.captions if key in train_pooled]
+    keys = [key for key in grouped.captions if key in pooled]
+    train_captions = [train.captions[key] for key in train_keys]
+    if not keys or not is_class_like(train_captions):
+        return None
+    labels = [captions[0] for captions in train_captions]
+    predictions = linear_probe_predictions(train_pooled.of(train_keys), labels, pooled.of(keys))
+    return {"caption_accuracy": exact_match_accuracy(predictions, [grouped.captions[key] for key in keys])}
+
+
 def evaluate_baselines(
     args: EvaluateArguments, data_args: DataArguments, grouped: EvaluationRows, retrieval: bool
 ) -> dict[str, Any]:
@@ -294,74 +376,19 @@ def evaluate_baselines(
         caches = [FeatureCache(root / name) for name in ("train", "eval") if (root / name / "meta.json").exists()]
     load_encoder = functools.cache(functools.partial(load_vision_encoder, args.model, args.device))
 
-    def readable_features(images: dict[str, Any]) -> tuple[dict[str, int], torch.Tensor]:
+    def readable(images: dict[str, Any]) -> PooledImages:
         items = list(images.items())
         features, valid = pooled_image_features(items, caches, load_encoder, args.batch_size, args.device)
         keys = [key for key, ok in zip(images, valid.tolist(), strict=True) if ok]
-        return {key: row for row, key in enumerate(keys)}, features[valid]
+        return PooledImages({key: row for row, key in enumerate(keys)}, features[valid])
 
-    train_rows, train_features = readable_features(train.images)
-    eval_rows, eval_features = readable_features(grouped.images)
-
-    def features_of(keys: list[str], rows: dict[str, int], features: torch.Tensor) -> torch.Tensor:
-        return features[[rows[key] for key in keys]].view(len(keys), features.shape[-1])
-
-    caption_keys = [key for key in grouped.captions if key in eval_rows]
-    train_caption_keys = [key for key in train.captions if key in train_rows]
-    nearest: dict[str, float] = {}
-    if retrieval:
-        keys = [key for key, texts in grouped.retrieval_texts.items() if texts and key in eval_rows]
-        texts = list(dict.fromkeys(text for key in keys for text in grouped.retrieval_texts[key]))
-        if keys:
-            train_keys = [key for key, texts in train.retrieval_texts.items() if texts and key in train_rows]
-            scores = nearest_text_scores(
-                features_of(keys, eval_rows, eval_features),
-                keys,
-                features_of(train_keys, train_rows, train_features),
-                train_keys,
-                [train.retrieval_texts[key] for key in train_keys],
-                texts,
-            )
-            positives = torch.tensor([[text in grouped.retrieval_texts[key] for text in texts] for key in keys])
-            nearest = retrieval_recall_at_k(scores, positives, RECALL_KS)
-    else:
-        train_items = [(key, None, train.captions[key][0]) for key in train_caption_keys]
-        train_items += [
-            (key, question, Counter(answers).most_common(1)[0][0])
-            for (key, question), answers in train.answers.items()
-            if key in train_rows
-        ]
-        queries = [(key, None) for key in caption_keys]
-        queries += [(key, question) for key, question in grouped.answers if key in eval_rows]
-        predictions = nearest_targets(
-            features_of([key for key, _ in queries], eval_rows, eval_features),
-            [key for key, _ in queries],
-            [question for _, question in queries],
-            features_of([key for key, _, _ in train_items], train_rows, train_features),
-            [key for key, _, _ in train_items],
-            [question for _, question, _ in train_items],
-            [target for _, _, target in train_items],
-        )
-        predictions = ["" if prediction is None else prediction for prediction in predictions]  # no neighbour: wrong
-        answers = [  # one score per question row, as the model's
-            (prediction, answer)
-            for prediction, query in zip(predictions[len(caption_keys) :], queries[len(caption_keys) :], strict=True)
-            for answer in grouped.answers[query]
-        ]
-        caption_predictions = predictions[: len(caption_keys)]
-        captions = [(p, grouped.captions[key]) for p, key in zip(caption_predictions, caption_keys, strict=True)]
-        nearest = generation_metrics(*_unzip(captions), *_unzip(answers))
-    baselines: dict[str, Any] = {"nearest_neighbour": nearest}
-    train_captions = [train.captions[key] for key in train_caption_keys]
-    if caption_keys and is_class_like(train_captions):
-        probe = linear_probe_predictions(
-            features_of(train_caption_keys, train_rows, train_features),
-            [captions[0] for captions in train_captions],
-            features_of(caption_keys, eval_rows, eval_features),
-        )
-        references = [grouped.captions[key] for key in caption_keys]
-        baselines["linear_probe"] = {"caption_accuracy": exact_match_accuracy(probe, references)}
-    baselines["num_train_images"] = len(train_rows)
+    pooled, train_pooled = readable(grouped.images), readable(train.images)
+    nearest = nearest_retrieval_baseline if retrieval else nearest_generation_baseline
+    baselines: dict[str, Any] = {"nearest_neighbour": nearest(grouped, train, pooled, train_pooled)}
+    probe = probe_baseline(grouped, train, pooled, train_pooled)
+    if probe is not None:
+        baselines["linear_probe"] = probe
+    baselines["num_train_images"] = len(train_pooled.rows)
     return baselines
 
 
