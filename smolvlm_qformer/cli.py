@@ -184,7 +184,9 @@ def ask_command(argv: list[str]) -> None:
 
 def evaluate_command(argv: list[str]) -> None:
     """Scores a trained model folder on a dataset split: captions (CIDEr-D, BLEU-4) and VQA accuracy for stage 2,
-    image<->text R@1/5/10 for stage 1. Prints a table; `--output` also writes the figures as JSON."""
+    image<->text R@1/5/10 for stage 1, each beside what the frozen vision features alone give (the nearest training
+    image's caption or answer; a linear probe on class-like captions). Prints a table; `--output` also writes the
+    figures as JSON."""
     from .evaluation.run import EvaluateArguments, evaluate_model, format_results
 
     # Every row of the split unless capped: training's default of 1,000 eval rows is for evaluating during a run.

@@ -6,7 +6,8 @@ questions + captions with the project's trainers, evaluates on the test split, p
 `output_dir`:
 
 - `metrics.json`: test VQA accuracy and its majority-answer baseline, caption accuracy, retrieval R@1/R@5 both ways,
-  seconds per stage, counts;
+  what the frozen features alone give (`frozen_feature_baselines`: the nearest training image's answer / caption,
+  a linear probe's caption accuracy), seconds per stage, counts;
 - `model/`: the merged model + processor (loads with `AutoModelForImageTextToText`), `adapter/` and the model card;
   `stage1/`: the retrieval model;
 - `examples.png` (test images with the model's answers), `loss_curves.png`, `query_attention.png` (where each query
@@ -46,6 +47,7 @@ from .data import (
 from .data.easy_vqa import YES_NO, easy_vqa_dataset, question_indices, wording_answer
 from .demo_figures import plot_examples, plot_losses, plot_query_attention
 from .evaluation import load_metric, retrieval_recall_at_k, retrieval_scores
+from .evaluation.baselines import linear_probe_predictions, nearest_targets, nearest_text_scores, pool_features
 from .hardware import describe_cpu
 from .inference import generate_texts, load_for_inference
 from .model_card import write_model_card
@@ -340,6 +342,56 @@ def _yes_no_metrics(questions: Sequence[str], references: Sequence[str], predict
     }
 
 
+def frozen_feature_baselines(
+    caches: dict[str, FeatureCache],
+    train_questions: datasets.Dataset,
+    train_captions: datasets.Dataset,
+    test_questions: datasets.Dataset,
+    test_captions: datasets.Dataset,
+    test_images: datasets.Dataset,
+) -> dict[str, float]:
+    """What the frozen vision features alone give on the test rows (`evaluation.baselines`): the answer of the
+    nearest training image asked the same question, the caption of the nearest captioned training image (and the
+    retrieval R@K of those nearest-caption scores), and a linear probe's caption accuracy."""
+
+    def pooled(split: str, paths: Sequence[str]) -> torch.Tensor:
+        return pool_features(_features(caches[split], paths))
+
+    train_paths = [*train_questions["image"], *train_captions["image"]]
+    test_paths = [*test_questions["image"], *test_captions["image"]]
+    nearest = nearest_targets(
+        pooled("test", test_paths),
+        test_paths,
+        [*test_questions["question"], *[None] * len(test_captions)],
+        pooled("train", train_paths),
+        train_paths,
+        [*train_questions["question"], *[None] * len(train_captions)],
+        [*train_questions["answer"], *train_captions["caption"]],
+    )
+    nearest = ["" if target is None else target for target in nearest]  # a question nobody was asked: wrong
+    caption_features = pooled("train", train_captions["image"])
+    probe = linear_probe_predictions(
+        caption_features, train_captions["caption"], pooled("test", test_captions["image"])
+    )
+    texts = sorted(set(test_images["caption"]))
+    scores = nearest_text_scores(
+        pooled("test", test_images["image"]),
+        test_images["image"],
+        caption_features,
+        train_captions["image"],
+        [[caption] for caption in train_captions["caption"]],
+        texts,
+    )
+    positives = torch.tensor([[caption == text for text in texts] for caption in test_images["caption"]])
+    recall = retrieval_recall_at_k(scores, positives, RECALL_KS)
+    return {
+        "nearest_vqa_accuracy": _accuracy(nearest[: len(test_questions)], test_questions["answer"]),
+        "nearest_caption_accuracy": _accuracy(nearest[len(test_questions) :], test_captions["caption"]),
+        "probe_caption_accuracy": _accuracy(probe, test_captions["caption"]),
+        **{f"nearest_{name}": value for name, value in recall.items() if name != "mean_recall"},
+    }
+
+
 def _table(metrics: dict[str, Any]) -> str:
     """The final table: the model on the test split against its baselines, then seconds per stage."""
     rows = [
@@ -349,12 +401,19 @@ def _table(metrics: dict[str, Any]) -> str:
     ]
     for direction, name in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
         rows += [(f"{name} R@{k}", f"{direction}_r{k}", None) for k in RECALL_KS]
-    lines = [f"{'easy-VQA test':<36}{'model':>8}{'baseline':>10}"]
+    baselines = metrics["frozen_feature_baselines"]
+    lines = [f"{'easy-VQA test':<36}{'model':>8}{'baseline':>10}{'nearest':>9}{'probe':>7}"]
     for label, value, baseline in rows:
-        lines.append(f"{label:<36}{metrics[value]:>8.1%}" + (f"{metrics[baseline]:>10.1%}" if baseline else ""))
+        line = f"{label:<36}{metrics[value]:>8.1%}" + (f"{metrics[baseline]:>10.1%}" if baseline else " " * 10)
+        nearest, probe = baselines.get(f"nearest_{value}"), baselines.get(f"probe_{value}")
+        line += (f"{nearest:>9.1%}" if nearest is not None else " " * 9) + (
+            f"{probe:>7.1%}" if probe is not None else ""
+        )
+        lines.append(line.rstrip())
     lines.append(
         f"baselines: the majority answer ({metrics['majority_answer']!r}); yes/no from the wording alone, without the "
-        "image (plain -> no, negated -> yes)"
+        "image (plain -> no, negated -> yes); nearest: the answer / caption of the nearest training image (cosine of "
+        "the frozen vision features, pooled); probe: a linear probe on those features predicting the caption"
     )
     lines.append("seconds: " + ", ".join(f"{name} {value:.0f}" for name, value in metrics["seconds"].items()))
     return "\n".join(lines)
@@ -487,6 +546,14 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
         **_yes_no_metrics(test_questions["question"], test_questions["answer"], answers),
         "caption_accuracy": _accuracy(generated_captions, caption_images["caption"]),
         **{name: value for name, value in recall.items() if name != "mean_recall"},
+        "frozen_feature_baselines": frozen_feature_baselines(
+            caches,
+            _questions_and_captions(_rows("train", "vqa", image_paths["train"], **QUESTION_COLUMNS))[0],
+            images["train"].filter(lambda caption: caption is not None, input_columns="caption"),
+            test_questions,
+            caption_images,
+            test_images,
+        ),
         "num_test_questions": len(test_questions),
         "num_test_images": len(test_images),
         "num_test_captions": len(caption_images),

@@ -50,6 +50,9 @@ def test_stage2_captions_scored_and_the_unreadable_image_counted(workspace, caps
     assert 0 <= results["bleu"] <= 1 and 0 <= results["cider_d"] <= 10  # CIDEr-D's scale tops out at 10
     table = capsys.readouterr().out
     assert "cider_d" in table and "skipped_images" in table
+    baselines = results["baselines"]  # every caption differs: a nearest neighbour, no linear probe
+    assert set(baselines["nearest_neighbour"]) == {"cider_d", "bleu", "caption_accuracy"}
+    assert "linear_probe" not in baselines and "nearest" in table and "probe" not in table
 
 
 def test_stage2_vqa_scored_on_the_first_rows(workspace):

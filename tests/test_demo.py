@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from smolvlm_qformer.assets import AssetPaths
 from smolvlm_qformer.cli import COMMANDS, parse_arguments
-from smolvlm_qformer.demo import DemoArguments, run_demo
+from smolvlm_qformer.demo import DemoArguments, _table, run_demo
 from smolvlm_qformer.evaluation import retrieval_recall_at_k
 from smolvlm_qformer.testing_utils import save_tiny_backbones
 
@@ -67,6 +67,23 @@ def test_metrics_json(demo):
     assert 0 < metrics["num_test_captions"] <= metrics["num_test_images"] <= 24  # captioned ones of the first 24
     assert list(metrics["seconds"]) == STAGES and all(s >= 0 for s in metrics["seconds"].values())
     assert metrics["arguments"]["test_questions"] == 100
+    baselines = metrics["frozen_feature_baselines"]
+    assert set(baselines) == {"nearest_vqa_accuracy", "nearest_caption_accuracy", "probe_caption_accuracy"} | {
+        f"nearest_{name}" for name in RATES if "_r" in name
+    }
+    assert all(0 <= value <= 1 for value in baselines.values())
+
+
+def test_the_table_puts_the_frozen_feature_baselines_beside_the_model(demo):
+    _, metrics = demo
+    lines = _table(metrics).splitlines()
+    baselines = metrics["frozen_feature_baselines"]
+    assert lines[0].split()[-2:] == ["nearest", "probe"]
+    caption = next(line for line in lines if line.startswith("caption accuracy"))
+    nearest, probe = baselines["nearest_caption_accuracy"], baselines["probe_caption_accuracy"]
+    assert caption.endswith(f"{nearest:>9.1%}{probe:>7.1%}")
+    vqa = next(line for line in lines if line.startswith("VQA accuracy"))
+    assert vqa.endswith(f"{metrics['majority_baseline']:>10.1%}{baselines['nearest_vqa_accuracy']:>9.1%}")
 
 
 def test_the_tiny_demo_beats_its_majority_answer(demo):

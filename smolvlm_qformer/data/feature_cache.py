@@ -165,7 +165,7 @@ def build_feature_cache(
         for start in range(0, len(shard_keys), batch_size):
             located = [sources[key] for key in shard_keys[start : start + batch_size]]
             images = [(row_images(dataset[row])[position], f"{position} of sample {row}") for row, position in located]
-            batch_features, batch_valid = _encode_batch(vision_model, image_processor, images, shape, device)
+            batch_features, batch_valid = encode_image_batch(vision_model, image_processor, images, device, shape)
             features.append(batch_features)
             valid.extend(batch_valid)
             progress.update(len(images))
@@ -185,21 +185,24 @@ def _feature_shape(vision_model: nn.Module, image_processor: Any, device: str | 
     return tuple(vision_model(pixel_values=pixel_values.to(device, vision_model.dtype)).last_hidden_state.shape[1:])
 
 
-def _encode_batch(
+@torch.no_grad()
+def encode_image_batch(
     vision_model: nn.Module,
     image_processor: Any,
     images: list[tuple[Any, str]],
-    shape: tuple[int, int],
     device: str | torch.device,
+    shape: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, list[bool]]:
-    """float16 features (len(images), *shape) of (undecoded image, name) pairs, zeros where an image is
-    unreadable, and which were readable."""
+    """float16 last hidden states (len(images), tokens, width) of (undecoded image, name) pairs, zeros where an image
+    is unreadable, and which were readable. `shape` (tokens, width) saves a blank image's pass when none is."""
     decoded = [decode_or_skip(image, name) for image, name in images]
     valid = [image is not None for image in decoded]
     images = [image for image in decoded if image is not None]
-    features = torch.zeros(len(valid), *shape, dtype=torch.float16)
-    if images:
-        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
-        encoded = vision_model(pixel_values=pixel_values.to(device, vision_model.dtype)).last_hidden_state
-        features[torch.tensor(valid)] = encoded.to("cpu", torch.float16)
+    if not images:
+        shape = shape or _feature_shape(vision_model, image_processor, device)
+        return torch.zeros(len(valid), *shape, dtype=torch.float16), valid
+    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+    encoded = vision_model(pixel_values=pixel_values.to(device, vision_model.dtype)).last_hidden_state
+    features = torch.zeros(len(valid), *encoded.shape[1:], dtype=torch.float16)
+    features[torch.tensor(valid)] = encoded.to("cpu", torch.float16)
     return features, valid

@@ -71,7 +71,8 @@ class DataArguments:
     pad_to_multiple_of: int | None = None
     """Stage 2: pad batches to a multiple of this many tokens (None: to the longest row)."""
     feature_cache: str | None = None
-    """A folder written by `smolvlm-qformer cache-features`: train on cached vision features instead of images."""
+    """A folder written by `smolvlm-qformer cache-features`: train on cached vision features instead of images
+    (`evaluate` reads them for its frozen-feature baselines)."""
 
 
 class IndexedDataset:

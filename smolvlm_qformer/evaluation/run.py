@@ -5,14 +5,19 @@ for the rows without a question (CIDEr-D, BLEU-4 against every caption of that i
 question about an image (VQA accuracy, each row against its own answer). A stage-1 folder
 (`SmolVLMQFormerForImageTextRetrieval`) is scored with image<->text R@1/5/10 over the split's images and distinct
 captions, a caption matching every image it is given for. Unreadable images are skipped and counted.
+
+Beside the model's figures, `evaluate_baselines` scores what the frozen vision features alone give on the same rows
+(`baselines`: the nearest training image's caption or answer, and a linear probe for class-like captions).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..data import (
     DataArguments,
+    FeatureCache,
     IndexedDataset,
     decode_or_skip,
     image_key,
@@ -31,6 +37,14 @@ from ..data import (
 )
 from ..data.collators import cut_to_tokens
 from ..inference import generate_texts, load_for_inference
+from .baselines import (
+    exact_match_accuracy,
+    is_class_like,
+    linear_probe_predictions,
+    nearest_targets,
+    nearest_text_scores,
+    pooled_image_features,
+)
 from .metrics import load_metric
 from .retrieval import retrieval_recall_at_k, retrieval_scores
 
@@ -62,6 +76,11 @@ class EvaluateArguments:
     """Stage 1: re-rank each image's and each text's top k with the ITM head."""
     output: str | None = None
     """Write the figures as JSON here."""
+    baselines: bool = True
+    """Also score the frozen-feature baselines (`evaluation.baselines`) against the training rows (`--train_split`,
+    `--max_samples`, `--eval_fraction` and `--seed` as in training). They read the vision features of
+    `--feature_cache` (`cache-features`' train and eval folders) and run the model's vision encoder over the images
+    it does not hold: without a cache, over every training image."""
 
 
 @dataclass
@@ -102,8 +121,6 @@ def group_rows(rows: Iterable[dict[str, Any]]) -> EvaluationRows:
 def load_split(data_args: DataArguments, split: str | None, seed: int) -> tuple[str, Iterable[dict[str, Any]]]:
     """(name, rows) of the split to evaluate: `split`, `--eval_split`, or the held-out share of the train split;
     at most `--max_eval_samples` rows."""
-    if data_args.feature_cache is not None:
-        logger.warning("evaluate reads the images themselves: --feature_cache is ignored")
     split = split or data_args.eval_split
     if split is not None:
         name, dataset = f"{data_args.dataset}[{split}]", load_image_text_dataset(data_args, split)
@@ -139,14 +156,16 @@ def generation_metrics(
     answers: Sequence[str],
     answer_references: Sequence[str | Sequence[str]],
 ) -> dict[str, float]:
-    """CIDEr-D and BLEU-4 of the captions (one per image, all scored together: CIDEr-D's IDF is the split's) and
-    VQA accuracy of the answers (each against its annotators' answers, or one answer); a task without predictions
-    is left out."""
+    """CIDEr-D and BLEU-4 of the captions (one per image, all scored together: CIDEr-D's IDF is the split's), their
+    exact-match accuracy (`caption_accuracy`: a caption equal to one of the image's, after the VQA normalisation; what
+    counts on class-like captions) and VQA accuracy of the answers (each against its annotators' answers, or one
+    answer); a task without predictions is left out."""
     metrics = {}
     if captions:
         references = [list(refs) for refs in caption_references]
         metrics["cider_d"] = load_metric("cider_d").compute(predictions=captions, references=references)["cider_d"]
         metrics["bleu"] = load_metric("bleu").compute(predictions=captions, references=references)["bleu"]
+        metrics["caption_accuracy"] = exact_match_accuracy(captions, references)
     if answers:
         references = [[refs] if isinstance(refs, str) else list(refs) for refs in answer_references]
         vqa = load_metric("vqa_accuracy").compute(predictions=answers, references=references)
@@ -239,6 +258,140 @@ def evaluate_retrieval_split(
     }
 
 
+def load_vision_encoder(folder: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
+    """The frozen vision encoder of a saved stage-1 or stage-2 folder, in eval mode on `device`, and its image
+    processor."""
+    from ..modeling_smolvlm_qformer import SmolVLMQFormerForImageTextRetrieval
+    from ..processing_smolvlm_qformer import SmolVLMQFormerProcessor
+
+    if model_architecture(folder) == RETRIEVAL_ARCHITECTURE:
+        model = SmolVLMQFormerForImageTextRetrieval.from_pretrained(folder, use_safetensors=True)
+        vision_model, image_processor = model.vision_model, SmolVLMQFormerProcessor.from_pretrained(folder)
+    else:
+        model, image_processor = load_for_inference(folder, device)
+        vision_model = model.model.vision_model
+    return vision_model.to(device).eval(), image_processor.image_processor
+
+
+@dataclass
+class PooledImages:
+    """The pooled vision features of a split's readable images (`baselines.pool_features`), by image key."""
+
+    rows: dict[str, int]
+    features: torch.Tensor
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def of(self, keys: Sequence[str]) -> torch.Tensor:
+        return self.features[[self.rows[key] for key in keys]].view(len(keys), self.features.shape[-1])
+
+
+def nearest_generation_baseline(
+    grouped: EvaluationRows, train: EvaluationRows, pooled: PooledImages, train_pooled: PooledImages
+) -> dict[str, float]:
+    """`generation_metrics` of the nearest training image's caption for each captioned image, and of the answer of
+    the nearest training image asked the same question for each question (empty, so wrong, where none was)."""
+    train_items = [(key, None, captions[0]) for key, captions in train.captions.items() if key in train_pooled]
+    train_items += [
+        (key, question, Counter(answers).most_common(1)[0][0])
+        for (key, question), answers in train.answers.items()
+        if key in train_pooled
+    ]
+    caption_keys = [key for key in grouped.captions if key in pooled]
+    queries = [(key, None) for key in caption_keys] + [query for query in grouped.answers if query[0] in pooled]
+    predictions = nearest_targets(
+        pooled.of([key for key, _ in queries]),
+        [key for key, _ in queries],
+        [question for _, question in queries],
+        train_pooled.of([key for key, _, _ in train_items]),
+        [key for key, _, _ in train_items],
+        [question for _, question, _ in train_items],
+        [target for _, _, target in train_items],
+    )
+    predictions = ["" if prediction is None else prediction for prediction in predictions]  # no neighbour: wrong
+    caption_predictions = zip(predictions[: len(caption_keys)], caption_keys, strict=True)
+    captions = [(prediction, grouped.captions[key]) for prediction, key in caption_predictions]
+    answers = [  # one score per question row, as the model's
+        (prediction, answer)
+        for prediction, query in zip(predictions[len(caption_keys) :], queries[len(caption_keys) :], strict=True)
+        for answer in grouped.answers[query]
+    ]
+    return generation_metrics(*_unzip(captions), *_unzip(answers))
+
+
+def nearest_retrieval_baseline(
+    grouped: EvaluationRows, train: EvaluationRows, pooled: PooledImages, train_pooled: PooledImages
+) -> dict[str, float]:
+    """R@K both ways when each image scores each text by its similarity to the nearest training image with it."""
+    keys = [key for key, texts in grouped.retrieval_texts.items() if texts and key in pooled]
+    if not keys:
+        return {}
+    texts = list(dict.fromkeys(text for key in keys for text in grouped.retrieval_texts[key]))
+    train_keys = [key for key, texts in train.retrieval_texts.items() if texts and key in train_pooled]
+    scores = nearest_text_scores(
+        pooled.of(keys),
+        keys,
+        train_pooled.of(train_keys),
+        train_keys,
+        [train.retrieval_texts[key] for key in train_keys],
+        texts,
+    )
+    positives = torch.tensor([[text in grouped.retrieval_texts[key] for text in texts] for key in keys])
+    return retrieval_recall_at_k(scores, positives, RECALL_KS)
+
+
+def probe_baseline(
+    grouped: EvaluationRows, train: EvaluationRows, pooled: PooledImages, train_pooled: PooledImages
+) -> dict[str, float] | None:
+    """A linear probe's `caption_accuracy` where the training captions are class-like (`is_class_like`), else None."""
+    train_keys = [key for key in train.captions if key in train_pooled]
+    keys = [key for key in grouped.captions if key in pooled]
+    train_captions = [train.captions[key] for key in train_keys]
+    if not keys or not is_class_like(train_captions):
+        return None
+    labels = [captions[0] for captions in train_captions]
+    predictions = linear_probe_predictions(train_pooled.of(train_keys), labels, pooled.of(keys))
+    return {"caption_accuracy": exact_match_accuracy(predictions, [grouped.captions[key] for key in keys])}
+
+
+def evaluate_baselines(
+    args: EvaluateArguments, data_args: DataArguments, grouped: EvaluationRows, retrieval: bool
+) -> dict[str, Any]:
+    """What the frozen vision features alone score on the evaluated rows (`baselines`), against the training rows:
+    the nearest training image's caption / answer with the model's metrics (retrieval: its R@K), and for class-like
+    training captions a linear probe's `caption_accuracy`. Empty with `--streaming` (the training rows are not held)
+    or when the training rows cannot be loaded."""
+    if data_args.streaming:
+        logger.warning("baselines: not computed with --streaming (they need the training rows in memory)")
+        return {}
+    try:
+        train = group_rows(split_train_eval(data_args, args.seed)[0].dataset)
+    except ValueError as error:  # e.g. too few rows to hold out an eval fraction: the model's figures still stand
+        logger.warning("baselines: no training rows (%s)", error)
+        return {}
+    caches = []
+    if data_args.feature_cache is not None:  # cache-features writes train/ and eval/
+        root = Path(data_args.feature_cache)
+        caches = [FeatureCache(root / name) for name in ("train", "eval") if (root / name / "meta.json").exists()]
+    load_encoder = functools.cache(functools.partial(load_vision_encoder, args.model, args.device))
+
+    def readable(images: dict[str, Any]) -> PooledImages:
+        items = list(images.items())
+        features, valid = pooled_image_features(items, caches, load_encoder, args.batch_size, args.device)
+        keys = [key for key, ok in zip(images, valid.tolist(), strict=True) if ok]
+        return PooledImages({key: row for row, key in enumerate(keys)}, features[valid])
+
+    pooled, train_pooled = readable(grouped.images), readable(train.images)
+    nearest = nearest_retrieval_baseline if retrieval else nearest_generation_baseline
+    baselines: dict[str, Any] = {"nearest_neighbour": nearest(grouped, train, pooled, train_pooled)}
+    probe = probe_baseline(grouped, train, pooled, train_pooled)
+    if probe is not None:
+        baselines["linear_probe"] = probe
+    baselines["num_train_images"] = len(train_pooled.rows)
+    return baselines
+
+
 def evaluate_model(args: EvaluateArguments, data_args: DataArguments) -> dict[str, Any]:
     """Scores the model folder `args.model` on the split (see `EvaluateArguments.split`): captions / VQA for a
     stage-2 model, retrieval for a stage-1 model. Returns the figures with what was evaluated; a missing folder,
@@ -254,21 +407,42 @@ def evaluate_model(args: EvaluateArguments, data_args: DataArguments) -> dict[st
     figures = evaluate(args.model, grouped, args, data_args)
     if figures["skipped_images"]:
         logger.warning("%d unreadable images were skipped", figures["skipped_images"])
-    return {
+    results = {
         "model": str(args.model),
         "task": "retrieval" if retrieval else "generation",
         "split": split,
         "num_rows": grouped.num_rows,
         **figures,
     }
+    if args.baselines:
+        results["baselines"] = evaluate_baselines(args, data_args, grouped, retrieval)
+    return results
+
+
+BASELINE_COLUMNS = {"nearest_neighbour": "nearest", "linear_probe": "probe"}
+BASELINE_NOTES = {
+    "nearest": "the caption / answer of the nearest training image (cosine of the frozen vision encoder's pooled "
+    "features)",
+    "probe": "a linear probe on those features predicting the caption (class-like captions)",
+}
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """A two-column table of the figures: scores first, then counts."""
+    """A table of the figures, the model's beside its frozen-feature baselines where they were computed, then the
+    counts."""
     lines = [f"{results['model']} on {results['split']} ({results['task']})"]
-    scores = {name: value for name, value in results.items() if isinstance(value, float)}
+    baselines = results.get("baselines") or {}
+    columns = {"model": results}
+    columns |= {label: baselines[key] for key, label in BASELINE_COLUMNS.items() if key in baselines}
+    scores = list(dict.fromkeys(name for c in columns.values() for name, v in c.items() if isinstance(v, float)))
     counts = {name: value for name, value in results.items() if isinstance(value, int)}
+    counts |= {f"baseline_{name}": value for name, value in baselines.items() if isinstance(value, int)}
     width = max(map(len, [*scores, *counts]))
-    lines += [f"  {name:<{width}}  {value:8.4f}" for name, value in scores.items()]
-    lines += [f"  {name:<{width}}  {value:8d}" for name, value in counts.items()]
+    if len(columns) > 1:
+        lines.append(f"  {'':<{width}}" + "".join(f"{label:>10}" for label in columns))
+    for name in scores:
+        values = [column.get(name) for column in columns.values()]
+        lines.append(f"  {name:<{width}}" + "".join(f"{'':>10}" if v is None else f"{v:>10.4f}" for v in values))
+    lines += [f"  {name:<{width}}{value:>10d}" for name, value in counts.items()]
+    lines += [f"{label}: {BASELINE_NOTES[label]}" for label in list(columns)[1:]]
     return "\n".join(lines)
