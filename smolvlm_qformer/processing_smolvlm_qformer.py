@@ -247,6 +247,31 @@ class ChatFormat:
         return rest
 
 
+_PREAMBLE_TAG = "{#- smolvlm-qformer: image parts as markers -#}"
+
+
+def chat_preamble(folds_system: bool) -> str:
+    """Jinja put before the LM's template in the saved processor and tokenizer: the same rewrite as
+    `flatten_messages`, `ChatFormat.fit` and `TEMPLATE_DEFAULTS`, so that whoever renders the template itself (vLLM,
+    which passes lists of parts; `tokenizer.apply_chat_template`) writes the prompts the processor writes."""
+    store = "{%- set ns_chat.system = ns_part.text ~ '\\n\\n' -%}{%- else -%}"
+    return (
+        _PREAMBLE_TAG + "{%- if enable_thinking is not defined -%}{%- set enable_thinking = false -%}{%- endif -%}"
+        "{%- set ns_chat = namespace(messages=[], system='') -%}{%- for message in messages -%}"
+        "{%- set ns_part = namespace(text='') -%}"
+        "{%- if message['content'] is string -%}{%- set ns_part.text = message['content'] -%}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{%- set ns_part.text = ns_part.text ~ '" + IMAGE_TOKEN + "' -%}"
+        "{%- elif part['type'] == 'text' -%}{%- set ns_part.text = ns_part.text ~ part['text'] -%}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        + ("{%- if loop.first and message['role'] == 'system' -%}" + store if folds_system else "{%- if true -%}")
+        + "{%- if message['role'] == 'user' and ns_chat.system -%}"
+        "{%- set ns_part.text = ns_chat.system ~ ns_part.text -%}{%- set ns_chat.system = '' -%}{%- endif -%}"
+        "{%- set ns_chat.messages = ns_chat.messages + [dict(message, content=ns_part.text)] -%}{%- endif -%}"
+        "{%- endfor -%}{%- set messages = ns_chat.messages -%}"
+    )
+
+
 def render_chat(tokenizer: Any, template: str, messages: list[dict[str, Any]], **kwargs: Any) -> str:
     """The template's text for string-content messages (`TEMPLATE_DEFAULTS` under `kwargs`)."""
     return tokenizer.apply_chat_template(
@@ -449,8 +474,13 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self._chat_formats: dict[str, ChatFormat] = {}
         template = chat_template or tokenizer.chat_template or CHAT_TEMPLATE
-        if not _GENERATION_PATTERN.search(template):
-            template = with_generation_markers(tokenizer, template, self._chat_format(template, tokenizer)) or template
+        if not template.startswith(_PREAMBLE_TAG):
+            chat_format = self._chat_format(template, tokenizer)
+            if not _GENERATION_PATTERN.search(template):
+                template = with_generation_markers(tokenizer, template, chat_format) or template
+            template = chat_preamble(chat_format.folds_system) + template
+        # the tokenizer gets the same template: engines that render with the tokenizer's (vLLM) see the same prompts
+        tokenizer.chat_template = template
         super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=template)
 
     @classmethod
