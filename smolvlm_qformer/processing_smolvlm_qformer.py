@@ -253,10 +253,16 @@ _PREAMBLE_TAG = "{#- smolvlm-qformer: image parts as markers -#}"
 def chat_preamble(folds_system: bool) -> str:
     """Jinja put before the LM's template in the saved processor and tokenizer: the same rewrite as
     `flatten_messages`, `ChatFormat.fit` and `TEMPLATE_DEFAULTS`, so that whoever renders the template itself (vLLM,
-    which passes lists of parts; `tokenizer.apply_chat_template`) writes the prompts the processor writes."""
+    which passes lists of parts; `tokenizer.apply_chat_template`) writes the prompts the processor writes. A
+    conversation without a system turn gets `DEFAULT_SYSTEM_PROMPT` (stage 2 trains every one with a system prompt),
+    never the template's own default (SmolLM2's names itself, Qwen2.5's says it is Qwen)."""
     store = "{%- set ns_chat.system = ns_part.text ~ '\\n\\n' -%}{%- else -%}"
     return (
         _PREAMBLE_TAG + "{%- if enable_thinking is not defined -%}{%- set enable_thinking = false -%}{%- endif -%}"
+        "{%- if not messages or messages[0]['role'] != 'system' -%}"
+        "{%- set messages = [{'role': 'system', 'content': '"
+        + DEFAULT_SYSTEM_PROMPT
+        + "'}] + messages -%}{%- endif -%}"
         "{%- set ns_chat = namespace(messages=[], system='') -%}{%- for message in messages -%}"
         "{%- set ns_part = namespace(text='') -%}"
         "{%- if message['content'] is string -%}{%- set ns_part.text = message['content'] -%}"

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Auto
 
 from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration, SmolVLMQFormerProcessor
 from smolvlm_qformer.data import ChatCollator
-from smolvlm_qformer.processing_smolvlm_qformer import CHAT_TEMPLATE, IMAGE_TOKEN, ChatFormat
+from smolvlm_qformer.processing_smolvlm_qformer import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, ChatFormat
 from smolvlm_qformer.testing_utils import build_chat_tokenizer, save_tiny_backbones, tiny_processor
 
 TEMPLATES_FILE = Path(__file__).parents[2] / "shared" / "data" / "chat_templates.json"
@@ -59,7 +59,10 @@ def test_each_lm_keeps_its_own_chat_format(name):
     if name in FOLDS_SYSTEM:  # Gemma 2 rejects a system turn, Mistral drops it: folded in, tested below
         messages = [m for m in messages if m["role"] != "system"]
     # enable_thinking as the reference was rendered (the processor's own default renders without thinking)
-    assert processor.apply_chat_template(messages, enable_thinking=True) == entry["rendered_example"]
+    rendered = processor.apply_chat_template(messages, enable_thinking=True)
+    if name in FOLDS_SYSTEM:  # the default system prompt is folded in: the reference has none
+        rendered = rendered.replace(f"{DEFAULT_SYSTEM_PROMPT}\n\n", "", 1)
+    assert rendered == entry["rendered_example"]
 
     encoded = processor.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -109,8 +112,13 @@ def test_images_and_system_prompt_go_where_the_template_keeps_user_words(name):
             {"role": "user", "content": user},
             {"role": "assistant", "content": "A cat."},
         ]
-    assert prompt == tokenizer.apply_chat_template(expected_messages, tokenize=False, enable_thinking=False)
+    own = tokenizer.apply_chat_template(  # the LM's template as it came
+        expected_messages, chat_template=TEMPLATES[name]["chat_template"], tokenize=False, enable_thinking=False
+    )
+    assert prompt == own
     assert "Be brief." in prompt  # never dropped, even where the template would drop it
+    without_system = processor.apply_chat_template(conversation[1:])  # the default, never the template's own
+    assert without_system == prompt.replace("Be brief.", DEFAULT_SYSTEM_PROMPT)
     # the saved template writes the same text for whoever renders it with lists of parts (vLLM's chat entry point)
     assert processor.tokenizer.apply_chat_template(conversation, tokenize=False) == prompt
 

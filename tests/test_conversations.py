@@ -10,7 +10,7 @@ from PIL import Image
 from smolvlm_qformer.data import ChatCollator, PromptConfig
 from smolvlm_qformer.data.collators import with_images
 from smolvlm_qformer.data.conversations import BadRow, conversation_from_row
-from smolvlm_qformer.processing_smolvlm_qformer import IMAGE_TOKEN
+from smolvlm_qformer.processing_smolvlm_qformer import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
 from smolvlm_qformer.testing_utils import tiny_config, tiny_generation_model
 
 RED, BLUE, GREEN = (Image.new("RGB", (24, 24), colour) for colour in ("red", "blue", "green"))
@@ -31,6 +31,8 @@ def _reference(processor, messages: list[dict]) -> tuple[list[int], list[int]]:
         ids.extend([processor.image_token_id] * processor.num_query_tokens)
         labels.extend([-100] * processor.num_query_tokens)
 
+    if messages[0]["role"] != "system":
+        add(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}{eos}\n", False)
     for message in messages:
         assistant = message["role"] == "assistant"
         add(f"<|im_start|>{message['role']}\n", False)
