@@ -197,7 +197,7 @@ def build_app(model: Any, processor: Any, title: str = "smolvlm-qformer") -> gr.
             chatbot=chatbot,
             textbox=textbox,
             additional_inputs=settings,
-            additional_inputs_accordion=gr.Accordion("Settings", open=False),
+            additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
             title=title,
             description="Upload or paste images, ask about them and follow up. Runs on this machine.",
             api_name="chat",
@@ -209,8 +209,15 @@ def build_app(model: Any, processor: Any, title: str = "smolvlm-qformer") -> gr.
             queue=False,
         )
         with gr.Row(visible=False):  # the API endpoint's inputs and output; no part of the page
-            ask_inputs = [gr.Image(type="filepath"), gr.Textbox(), gr.JSON(), *(gr.Textbox(), gr.Number(), gr.Number())]
-            answer = gr.Textbox()
+            ask_inputs = [
+                gr.Image(type="filepath", label="image"),
+                gr.Textbox(label="question"),
+                gr.JSON(label="history"),
+                gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="system_prompt"),
+                gr.Number(64, precision=0, label="max_new_tokens"),
+                gr.Number(0.0, label="temperature"),
+            ]
+            answer = gr.Textbox(label="answer")
             ask_button = gr.Button()
         ask_button.click(
             chat.ask,
