@@ -48,7 +48,7 @@ from .demo_figures import plot_examples, plot_losses, plot_query_attention
 from .evaluation import load_metric, retrieval_recall_at_k, retrieval_scores
 from .hardware import describe_cpu
 from .inference import generate_texts, load_for_inference
-from .model_card import write_model_card
+from .model_card import try_it_command, write_model_card
 from .modeling_smolvlm_qformer import LORA_ALL_LINEAR_MODULES
 from .processing_smolvlm_qformer import DEFAULT_CAPTION_PROMPT
 from .training import ModelArguments, SmolVLMTrainingArguments, build_stage1, build_stage2, fit_stage1, fit_stage2
@@ -532,5 +532,5 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     )
     seconds["total"] = round(time.perf_counter() - start, 1)
     (output_dir / "metrics.json").write_text(json.dumps({**metrics, "arguments": asdict(args)}, indent=2))
-    print(_table(metrics))
+    print(f"{_table(metrics)}\n\nTry it in a browser: {try_it_command(model_dir)}")
     return metrics

@@ -1,7 +1,9 @@
 """The one inference path: load a saved folder for generation, and generate for many images (or their cached vision
 features), with optional questions, in batches, returning the new text only.
 
-`smolvlm-qformer caption` / `ask`, `smolvlm-qformer evaluate` and the demo all generate through `generate_texts`.
+`smolvlm-qformer caption` / `ask`, `smolvlm-qformer evaluate` and the demo all generate through `generate_texts`;
+the chat app and the lmms-eval plugin, whose prompts are whole conversations, through the two steps it is made of
+(`encode_prompts`, `generate_new_texts`).
 """
 
 from __future__ import annotations
