@@ -114,7 +114,7 @@ class Chat:
         if not text.strip() and not files:
             yield NOTICE + EMPTY_MESSAGE
             return
-        messages, image_values = conversation(history, text, files, system_prompt.strip() or None)
+        messages, image_values = conversation(history, text, files, (system_prompt or "").strip() or None)
         try:
             images = [self._image(value) for value in image_values]
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
