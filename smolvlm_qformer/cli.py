@@ -1,5 +1,5 @@
 """`smolvlm-qformer`: train both stages, cache vision features, caption images, answer questions, evaluate a model,
-upload it to the Hub and serve it with vLLM.
+upload it to the Hub, serve it with vLLM and chat with it in a browser.
 
 Training commands take `HfArgumentParser` arguments (model, data and `TrainingArguments` fields as `--flags`), or a
 single YAML / JSON file holding them.
@@ -308,6 +308,12 @@ def serve_command(argv: list[str]) -> None:
     os.execv(command[0], command)  # the server replaces this process: signals reach it directly
 
 
+def chat_command(argv: list[str]) -> None:
+    from .app import main as chat_main
+
+    chat_main(argv)
+
+
 def demo_command(argv: list[str]) -> None:
     from .demo import DemoArguments, run_demo
 
@@ -325,6 +331,7 @@ COMMANDS = {
     "evaluate": (evaluate_command, "score a trained model on a dataset split (captions, VQA or retrieval)"),
     "push": (push_command, "upload a saved model folder to the Hub (--dry-run lists the files)"),
     "serve": (serve_command, "serve a saved model folder with vLLM's OpenAI-compatible server"),
+    "chat": (chat_command, "chat with a saved model folder in the browser (a Gradio app on 127.0.0.1)"),
 }
 
 

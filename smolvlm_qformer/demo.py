@@ -50,7 +50,7 @@ from .evaluation import load_metric, retrieval_recall_at_k, retrieval_scores
 from .evaluation.baselines import linear_probe_predictions, nearest_targets, nearest_text_scores, pool_features
 from .hardware import describe_cpu
 from .inference import generate_texts, load_for_inference
-from .model_card import write_model_card
+from .model_card import try_it_command, write_model_card
 from .processing_smolvlm_qformer import DEFAULT_CAPTION_PROMPT
 from .training import ModelArguments, SmolVLMTrainingArguments, build_stage1, build_stage2, fit_stage1, fit_stage2
 
@@ -598,5 +598,5 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     )
     seconds["total"] = round(time.perf_counter() - start, 1)
     (output_dir / "metrics.json").write_text(json.dumps({**metrics, "arguments": asdict(args)}, indent=2))
-    print(_table(metrics))
+    print(f"{_table(metrics)}\n\nTry it in a browser: {try_it_command(model_dir)}")
     return metrics

@@ -1,7 +1,9 @@
 """The one inference path: load a saved folder for generation, and generate for many images (or their cached vision
 features), with optional questions, in batches, returning the new text only.
 
-`smolvlm-qformer caption` / `ask`, `smolvlm-qformer evaluate` and the demo all generate through `generate_texts`.
+`smolvlm-qformer caption` / `ask`, `smolvlm-qformer evaluate` and the demo all generate through `generate_texts`;
+the chat app and the lmms-eval plugin, whose prompts are whole conversations, through the two steps it is made of
+(`encode_prompts`, `generate_new_texts`).
 """
 
 from __future__ import annotations
@@ -87,12 +89,42 @@ def _generate(
 ) -> list[str]:
     """One batch: the new text of each prompt, stripped."""
     prompts = [processor.build_prompt(question, system_prompt) for question in questions]
+    inputs = encode_prompts(model, processor, prompts, images, max_new_tokens)
+    return generate_new_texts(model, processor, inputs, max_new_tokens)
+
+
+def encode_prompts(
+    model: Any, processor: Any, prompts: list[str], images: list[Any] | torch.Tensor | None, max_new_tokens: int
+) -> dict[str, torch.Tensor]:
+    """The model's inputs for chat prompts (one `<image>` marker per image, in order; `images` may be a tensor of
+    cached vision features), left-padded, on the model's device. A `ValueError` when an image cannot be read or a
+    prompt with `max_new_tokens` does not fit the LM's context."""
     if isinstance(images, torch.Tensor):
         inputs = processor(text=prompts, vision_hidden_states=images)
     else:
         inputs = processor(images=images, text=prompts)
-    inputs = {name: value.to(model.device) for name, value in inputs.items()}
+    check_context(model, inputs["input_ids"].shape[1], max_new_tokens)
+    return {name: value.to(model.device) for name, value in inputs.items()}
+
+
+def sampling_kwargs(temperature: float) -> dict[str, Any]:
+    """`generate`'s sampling arguments: greedy at temperature 0, else sampling at that temperature."""
+    return {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+
+
+@torch.no_grad()
+def generate_new_texts(
+    model: Any,
+    processor: Any,
+    inputs: dict[str, torch.Tensor],
+    max_new_tokens: int = 30,
+    temperature: float = 0.0,
+    streamer: Any = None,
+) -> list[str]:
+    """The new text of each prompt of `encode_prompts`' inputs, stripped; generation uses the KV cache and stops at
+    the end of the turn. `streamer` (a transformers streamer, for a batch of one) gets the tokens as they come."""
     prompt_length = inputs["input_ids"].shape[1]
-    check_context(model, prompt_length, max_new_tokens)
-    generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    generated = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling_kwargs(temperature)
+    )
     return [text.strip() for text in processor.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)]

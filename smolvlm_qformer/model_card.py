@@ -52,6 +52,21 @@ backbone = AutoModel.from_pretrained("{repo}", trust_remote_code=True)
 ```
 """
 
+TRY_IT = """\
+Chat with it in your browser (a Gradio app on 127.0.0.1: upload or paste images, ask, follow up):
+
+```bash
+pip install "smolvlm-qformer[app]"
+{command}
+```
+"""
+
+
+def try_it_command(folder: str | os.PathLike) -> str:
+    """The command that opens a chat with a saved folder in the browser (`smolvlm-qformer chat`)."""
+    return f"smolvlm-qformer chat {folder}"
+
+
 LIMITATIONS = """\
 - A small language model: short, simple answers and captions; it is not a chat assistant and it makes things up
   about images, more so about fine detail, text in images, counting and spatial relations.
@@ -137,7 +152,9 @@ def write_model_card(
     limitations = LIMITATIONS.format(
         num_query_tokens=config["qformer_config"]["num_query_tokens"], image_size=config["vision_config"]["image_size"]
     )
-    sections += ["## Usage", USAGE.format(repo=repo_id or "path/to/this/folder"), "## Limitations", limitations]
+    repo = repo_id or "path/to/this/folder"
+    sections += ["## Usage", USAGE.format(repo=repo), "## Try it", TRY_IT.format(command=try_it_command(repo))]
+    sections += ["## Limitations", limitations]
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections))
     card.save(folder / "README.md")
     return card

@@ -149,3 +149,14 @@ def test_card_usage_snippet_runs_on_the_folder(model_folder):
     namespace = {"image": Image.fromarray(np.full((40, 48, 3), 120, dtype=np.uint8))}
     exec(snippet, namespace)
     assert isinstance(namespace["answer"], str)
+
+
+def test_card_try_it_names_the_chat_command_for_the_repo(model_folder):
+    from smolvlm_qformer.cli import COMMANDS
+    from smolvlm_qformer.model_card import try_it_command
+
+    card = write_model_card(model_folder, TRAINING, repo_id="someone/smolvlm-qformer")
+    try_it = card.text.split("## Try it")[1].split("## ")[0]
+    command = try_it.split("```bash\n")[1].split("```")[0].splitlines()[-1]
+    assert command == try_it_command("someone/smolvlm-qformer") == "smolvlm-qformer chat someone/smolvlm-qformer"
+    assert command.split()[1] in COMMANDS  # a command the CLI has (tests/test_app_browser.py starts the app)
