@@ -565,10 +565,9 @@ class SmolVLMQFormerProcessor(ProcessorMixin):
         return processor
 
     def build_prompt(self, question: str | None = None, system_prompt: str | None = None) -> str:
-        """The chat prompt for one image and a question (a captioning instruction if None), ready for generation.
-        Stage 2 trains every conversation with a system prompt, so there is always one (`DEFAULT_SYSTEM_PROMPT` if
-        None), never the template's own default (SmolLM2's names itself, Qwen2.5's says it is Qwen)."""
-        messages = [{"role": "system", "content": system_prompt or DEFAULT_SYSTEM_PROMPT}]
+        """The chat prompt for one image and a question (a captioning instruction if None), ready for generation;
+        with no system prompt the template writes `DEFAULT_SYSTEM_PROMPT` (see `chat_preamble`)."""
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         content = [{"type": "image"}, {"type": "text", "text": question or DEFAULT_CAPTION_PROMPT}]
         messages.append({"role": "user", "content": content})
         return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -206,6 +206,17 @@ def tiny_generation_model(config: SmolVLMQFormerConfig) -> torch.nn.Module:
     return model
 
 
+def save_tiny_vlm(folder: str | Path, processor: SmolVLMQFormerProcessor, seed: int = 0) -> Path:
+    """A tiny stage-2 model for `processor` (the same weights for the same `seed`) saved with it to `folder`, as a
+    trained folder is: weights, processor and remote code."""
+    from .modeling_smolvlm_qformer import SmolVLMQFormerForConditionalGeneration
+
+    torch.manual_seed(seed)
+    SmolVLMQFormerForConditionalGeneration(tiny_config(processor)).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return Path(folder)
+
+
 def save_tiny_backbones(
     root: str | Path,
     processor: SmolVLMQFormerProcessor | None = None,

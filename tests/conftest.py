@@ -6,7 +6,7 @@ import torch
 from warnings_policy import attribute_to_callers
 
 from smolvlm_qformer import hardware
-from smolvlm_qformer.testing_utils import tiny_config, tiny_processor
+from smolvlm_qformer.testing_utils import save_tiny_vlm, tiny_config, tiny_processor
 
 attribute_to_callers()
 
@@ -14,6 +14,12 @@ attribute_to_callers()
 @pytest.fixture(scope="session")
 def processor():
     return tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, processor):
+    """A stage-2 folder as a user has it: a tiny saved model + processor, remote code included."""
+    return save_tiny_vlm(tmp_path_factory.mktemp("vlm"), processor)
 
 
 @pytest.fixture

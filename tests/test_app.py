@@ -5,26 +5,15 @@ bad input is a message in the chat, and the `/ask` endpoint answers `gradio_clie
 import socket
 
 import pytest
-import torch
 
-from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration
 from smolvlm_qformer.inference import encode_prompts, generate_new_texts, generate_texts, load_for_inference
 from smolvlm_qformer.processing_smolvlm_qformer import DEFAULT_CAPTION_PROMPT, DEFAULT_SYSTEM_PROMPT, decode_image
-from smolvlm_qformer.testing_utils import draw_shape, tiny_config
+from smolvlm_qformer.testing_utils import draw_shape
 
 gr = pytest.importorskip("gradio", reason="Gradio is in the app extra")
 from smolvlm_qformer.app import EMPTY_MESSAGE, NOTICE, Chat, build_app, conversation  # noqa: E402
 
 QUESTION = "What colour is the shape?"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, processor):
-    path = tmp_path_factory.mktemp("vlm")
-    torch.manual_seed(0)
-    SmolVLMQFormerForConditionalGeneration(tiny_config(processor)).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

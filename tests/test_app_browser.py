@@ -13,11 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
-from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration
 from smolvlm_qformer.inference import generate_texts, load_for_inference
-from smolvlm_qformer.testing_utils import draw_shape, tiny_config
+from smolvlm_qformer.testing_utils import draw_shape, save_tiny_vlm
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -43,10 +41,7 @@ def visible_words(text: str) -> str:
 @pytest.fixture
 def server(tmp_path, processor):
     """`python -m smolvlm_qformer.app FOLDER` on a free port of 127.0.0.1: (url, folder)."""
-    folder = tmp_path / "vlm"
-    torch.manual_seed(0)
-    SmolVLMQFormerForConditionalGeneration(tiny_config(processor)).save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder = save_tiny_vlm(tmp_path / "vlm", processor)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration
 from smolvlm_qformer.evaluation import load_metric
 from smolvlm_qformer.inference import generate_texts, load_for_inference
-from smolvlm_qformer.testing_utils import COLOURS, SHAPES, draw_shape, tiny_config
+from smolvlm_qformer.testing_utils import COLOURS, SHAPES, draw_shape
 
 LMMS_PYTHON = os.environ.get("SMOLVLM_LMMS_PYTHON")
 TASKS = Path(__file__).with_name("lmms_eval_tasks")
@@ -29,15 +28,6 @@ MAX_NEW_TOKENS = 6  # the VQA task's generation_kwargs
 CHOICES = ["red", "green", "blue"]
 
 pytestmark = pytest.mark.skipif(not LMMS_PYTHON, reason="SMOLVLM_LMMS_PYTHON (a python with lmms-eval) is not set")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, processor):
-    path = tmp_path_factory.mktemp("vlm")
-    torch.manual_seed(0)
-    SmolVLMQFormerForConditionalGeneration(tiny_config(processor)).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 def choice_loglikelihoods(model, processor, image, question: str) -> list[float]:

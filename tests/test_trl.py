@@ -15,8 +15,8 @@ from peft import LoraConfig
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration, SmolVLMQFormerProcessor
-from smolvlm_qformer.testing_utils import build_chat_tokenizer, tiny_config, tiny_processor
+from smolvlm_qformer import SmolVLMQFormerProcessor
+from smolvlm_qformer.testing_utils import build_chat_tokenizer, save_tiny_vlm, tiny_processor
 
 trl = pytest.importorskip("trl", reason="TRL is in the test extra")
 pytestmark = pytest.mark.skipif(
@@ -27,16 +27,6 @@ pytestmark = pytest.mark.skipif(
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 QUESTION = "What colour is the picture?"
 EXAMPLE = Path(__file__).parents[1] / "examples" / "train_vlm_trl.py"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, processor):
-    """A stage-2 folder as a user has it: saved model + processor, remote code included."""
-    path = tmp_path_factory.mktemp("vlm")
-    torch.manual_seed(0)
-    SmolVLMQFormerForConditionalGeneration(tiny_config(processor)).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 def _dataset(count: int = 64) -> datasets.Dataset:
@@ -107,11 +97,7 @@ def template_folder(request, tmp_path_factory):
     processor = SmolVLMQFormerProcessor(
         base.image_processor, build_chat_tokenizer(entry), base.qformer_tokenizer, num_query_tokens=4
     )
-    path = tmp_path_factory.mktemp(request.param.split("/")[-1])
-    torch.manual_seed(0)
-    SmolVLMQFormerForConditionalGeneration(tiny_config(processor)).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path, entry["end_of_turn"]
+    return save_tiny_vlm(tmp_path_factory.mktemp(request.param.split("/")[-1]), processor), entry["end_of_turn"]
 
 
 @pytest.mark.parametrize("assistant_only_loss", [True, False], ids=["assistant-only", "default"])
