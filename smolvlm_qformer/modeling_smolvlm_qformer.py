@@ -363,30 +363,65 @@ def gather_across_ranks(tensor: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sum(sizes[:rank]), world_size
 
 
-def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy, image i matching text i, over the global batch: under torch.distributed each
-    rank scores its images against every rank's texts and its texts against every rank's images (as LAVIS' BLIP-2),
-    scaled so that DDP's average of the ranks' gradients is the gradient of the mean over the global batch."""
+def same_texts(
+    input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, across_ranks: bool = True
+) -> torch.Tensor:
+    """(B, B) True where texts i and j are the same tokens: pairs that share a caption are both positives, as
+    class-like captions ("a photo of a dog" x 300) are. With `across_ranks` under torch.distributed, (B, B_global)
+    against every rank's texts, in `gather_across_ranks` order."""
+    if attention_mask is not None:
+        input_ids = input_ids.masked_fill(attention_mask == 0, -1)
+    if not across_ranks:
+        return (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # ranks pad their batches to different lengths: compare at the longest (ids are never -1, so -1 pads)
+        length = torch.tensor([input_ids.shape[1]], device=input_ids.device)
+        torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
+        input_ids = F.pad(input_ids, (0, int(length) - input_ids.shape[1]), value=-1)
+    all_input_ids = gather_across_ranks(input_ids)[0]
+    return (input_ids[:, None, :] == all_input_ids[None, :, :]).all(dim=-1)
+
+
+def contrastive_loss(
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    temperature: torch.Tensor,
+    positives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over the global batch, image i matching text i and, where `positives` (B,
+    B_global) says so (`same_texts`), every text identical to it: the target spreads evenly over those, as BLIP's
+    ITC does for one image's several captions, so that same-caption pairs are never pushed apart as negatives.
+    Under torch.distributed each rank scores its images against every rank's texts and its texts against every
+    rank's images (as LAVIS' BLIP-2), scaled so that DDP's average of the ranks' gradients is the gradient of the
+    mean over the global batch."""
     all_image_feats, offset, world_size = gather_across_ranks(image_feats)
     all_text_feats, _, _ = gather_across_ranks(text_feats)
     logits_image_to_text = image_text_similarity(image_feats, all_text_feats) / temperature  # (B, B_global)
     logits_text_to_image = image_text_similarity(all_image_feats, text_feats).t() / temperature  # (B, B_global)
-    labels = offset + torch.arange(image_feats.shape[0], device=image_feats.device)
-    total = F.cross_entropy(logits_image_to_text, labels, reduction="sum")
-    total = total + F.cross_entropy(logits_text_to_image, labels, reduction="sum")
+    if positives is None:
+        own = offset + torch.arange(image_feats.shape[0], device=image_feats.device)
+        positives = F.one_hot(own, all_text_feats.shape[0])
+    targets = positives.float() / positives.sum(dim=1, keepdim=True)
+    total = F.cross_entropy(logits_image_to_text, targets, reduction="sum")
+    total = total + F.cross_entropy(logits_text_to_image, targets, reduction="sum")
     return total / 2 / (all_text_feats.shape[0] / world_size)
 
 
-def sample_hard_negatives(logits_per_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_hard_negatives(
+    logits_per_image: torch.Tensor, positives: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image a negative text, and for each text a negative image, drawn in proportion to their ITC
-    similarity (never the positive). Returns (negative text index per image, negative image index per text)."""
+    similarity: never the positive, nor (`positives`, (B, B) symmetric) a pair with the same text, unless the batch
+    holds nothing else for that row. Returns (negative text index per image, negative image index per text)."""
     if logits_per_image.shape[0] < 2:
         raise ValueError("ITM needs a batch of at least 2 image-text pairs to draw negatives from")
     with torch.no_grad():
-        positives = torch.eye(logits_per_image.shape[0], dtype=torch.bool, device=logits_per_image.device)
+        own = torch.eye(logits_per_image.shape[0], dtype=torch.bool, device=logits_per_image.device)
+        excluded = own if positives is None else positives | own
+        excluded = torch.where(excluded.all(dim=1, keepdim=True), own, excluded)  # rows with only same-text pairs
         # The epsilon keeps a row drawable when every negative's probability underflows.
-        weights_i2t = (logits_per_image.float().softmax(dim=1) + 1e-8).masked_fill(positives, 0)
-        weights_t2i = (logits_per_image.t().float().softmax(dim=1) + 1e-8).masked_fill(positives, 0)
+        weights_i2t = (logits_per_image.float().softmax(dim=1) + 1e-8).masked_fill(excluded, 0)
+        weights_t2i = (logits_per_image.t().float().softmax(dim=1) + 1e-8).masked_fill(excluded, 0)
         return torch.multinomial(weights_i2t, 1).squeeze(1), torch.multinomial(weights_t2i, 1).squeeze(1)
 
 
@@ -609,10 +644,12 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
         losses = {}
         for name in self.config.qformer_config.losses:
             if name == "itc":
-                losses[name] = contrastive_loss(image_feats, text_feats, temperature)
+                positives = same_texts(input_ids, attention_mask)  # (B, B_global)
+                losses[name] = contrastive_loss(image_feats, text_feats, temperature, positives)
             elif name == "itm":
+                positives = same_texts(input_ids, attention_mask, across_ranks=False)
                 losses[name], output.itm_logits = self.matching_loss(
-                    vision_hidden_states, input_ids, attention_mask, logits_per_image
+                    vision_hidden_states, input_ids, attention_mask, logits_per_image, positives
                 )
             else:
                 losses[name] = self.generation_loss(vision_hidden_states, input_ids, attention_mask)
@@ -628,9 +665,11 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
         logits_per_image: torch.Tensor,
+        positives: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM: classify [positive; image + hard-negative text; hard-negative image + text] (`itm_logits`)."""
-        neg_text, neg_image = sample_hard_negatives(logits_per_image)
+        """ITM: classify [positive; image + hard-negative text; hard-negative image + text] (`itm_logits`), the
+        negatives never pairs with the same text where the batch has others (`sample_hard_negatives`)."""
+        neg_text, neg_image = sample_hard_negatives(logits_per_image, positives)
         images = torch.cat([vision_hidden_states, vision_hidden_states, vision_hidden_states[neg_image]])
         ids = torch.cat([input_ids, input_ids[neg_text], input_ids])
         mask = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])

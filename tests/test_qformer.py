@@ -6,7 +6,13 @@ import torch.nn.functional as F
 from transformers import DistilBertConfig, DistilBertModel
 
 from smolvlm_qformer import QFormerModel, SmolVLMQFormerForImageTextRetrieval
-from smolvlm_qformer.modeling_smolvlm_qformer import encode_images, qformer_attention_mask, sample_hard_negatives
+from smolvlm_qformer.modeling_smolvlm_qformer import (
+    encode_images,
+    qformer_attention_mask,
+    same_texts,
+    sample_hard_negatives,
+)
+from smolvlm_qformer.training.trainers import retrieval_hits
 
 TEXTS = ["a red circle", "a blue square on the left", "a star", "a green triangle"]
 
@@ -127,7 +133,8 @@ def test_itc_loss_matches_reference(retrieval, processor, images):
 def test_itm_loss_matches_per_pair_reference(retrieval, processor, images, monkeypatch):
     neg_text, neg_image = torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3, 0, 1])
     monkeypatch.setattr(
-        "smolvlm_qformer.modeling_smolvlm_qformer.sample_hard_negatives", lambda logits: (neg_text, neg_image)
+        "smolvlm_qformer.modeling_smolvlm_qformer.sample_hard_negatives",
+        lambda logits, positives=None: (neg_text, neg_image),
     )
     retrieval.config.qformer_config.losses = ["itm"]
     retrieval.config.qformer_config.loss_weights = [1.0]
@@ -160,6 +167,53 @@ def test_hard_negatives_are_never_the_positive_and_follow_similarity():
         assert neg_image.tolist() == [2, 3, 0, 1]
     with pytest.raises(ValueError, match="at least 2"):
         sample_hard_negatives(torch.zeros(1, 1))
+
+
+def test_itc_counts_identical_captions_as_positives(retrieval, processor, images):
+    """Class-like captions: a text identical to an image's own is a positive of that image, never a negative."""
+    retrieval.config.qformer_config.losses = ["itc"]
+    retrieval.config.qformer_config.loss_weights = [1.0]
+    texts = ["a red circle", "a star", "a red circle", "a red circle"]
+    out = retrieval(**processor.retrieval_inputs(images=images, text=texts))
+    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float)
+    targets = same / same.sum(dim=1, keepdim=True)
+    logits = out.logits_per_image.detach()
+    per_row = -(targets * logits.log_softmax(dim=1)).sum(dim=1) - (targets * logits.t().log_softmax(dim=1)).sum(dim=1)
+    torch.testing.assert_close(out.loss.detach(), per_row.mean() / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_same_texts_compares_tokens_up_to_padding():
+    ids = torch.tensor([[5, 6, 0], [5, 6, 7], [5, 6, 9], [5, 6, 7]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    expected = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)
+    assert torch.equal(same_texts(ids, mask), expected)
+    assert torch.equal(same_texts(ids, mask, across_ranks=False), expected)
+
+
+def test_retrieval_hits_count_a_same_caption_text_as_found():
+    ids, mask = torch.tensor([[5, 6], [5, 6], [7, 8]]), torch.ones(3, 2, dtype=torch.long)
+    # images 0 and 1 pick each other's (identical) text: hits; image 2 picks text 0, text 2 picks image 0: misses
+    logits = torch.tensor([[0.0, 1.0, 0.9], [1.0, 0.0, 0.5], [1.0, 0.0, 0.5]])
+    hits = retrieval_hits(logits, ids, mask)
+    assert hits[:, 0].tolist() == [True, True, False]
+    assert hits[:, 1].tolist() == [True, True, False]
+
+
+def test_hard_negatives_skip_pairs_with_the_same_text():
+    logits = torch.full((4, 4), -50.0)
+    logits.fill_diagonal_(50.0)
+    logits[0, 1] = logits[1, 0] = 45.0  # 0 and 1 share a caption: the "hardest negative" is really a positive
+    logits[0, 2] = logits[1, 3] = logits[2, 0] = logits[3, 1] = 40.0
+    same = torch.eye(4, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True
+    for _ in range(20):
+        neg_text, neg_image = sample_hard_negatives(logits, same)
+        assert neg_text.tolist() == [2, 3, 0, 1] and neg_image.tolist() == [2, 3, 0, 1]
+    # a batch of one caption has nothing else to draw: any other pair, never the row's own
+    neg_text, neg_image = sample_hard_negatives(logits, torch.ones(4, 4, dtype=torch.bool))
+    assert all(n != i for i, n in enumerate(neg_text.tolist())) and all(
+        n != i for i, n in enumerate(neg_image.tolist())
+    )
 
 
 def test_itg_loss_matches_per_sample_reference(retrieval, processor, images):

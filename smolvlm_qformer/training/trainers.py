@@ -18,6 +18,7 @@ from transformers import EvalPrediction
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..data.sources import IndexedDataset
+from ..modeling_smolvlm_qformer import same_texts
 from .arguments import groups_by_length
 from .checkpointing import AtomicCheckpointTrainer
 
@@ -106,13 +107,20 @@ class _SmolVLMTrainer(AtomicCheckpointTrainer):
         return self.optimizer
 
 
+def retrieval_hits(logits_per_image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """(B, 2): whether each image's best text, and each text's best image, is a positive of the batch (its own pair
+    or one with the same text: `same_texts`)."""
+    positives = same_texts(input_ids, attention_mask, across_ranks=False)
+    rows = torch.arange(len(positives), device=positives.device)
+    return torch.stack(
+        [positives[rows, logits_per_image.argmax(dim=1)], positives[logits_per_image.argmax(dim=0), rows]], 1
+    )
+
+
 def retrieval_accuracy(prediction: EvalPrediction) -> dict[str, float]:
-    """In-batch retrieval accuracy from the argmax of each image's texts and each text's images."""
-    predicted, targets = prediction.predictions, prediction.label_ids
-    return {
-        "image_to_text_accuracy": float(np.mean(predicted[:, 0] == targets)),
-        "text_to_image_accuracy": float(np.mean(predicted[:, 1] == targets)),
-    }
+    """In-batch retrieval accuracy both ways, from `retrieval_hits` (the predictions; the labels are all 1)."""
+    hits = prediction.predictions == prediction.label_ids[:, None]
+    return {"image_to_text_accuracy": float(np.mean(hits[:, 0])), "text_to_image_accuracy": float(np.mean(hits[:, 1]))}
 
 
 class QFormerTrainer(_SmolVLMTrainer):
@@ -129,15 +137,14 @@ class QFormerTrainer(_SmolVLMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
         if model.training and outputs is not None:
-            logits = outputs.logits_per_image.detach()
-            hits = logits.argmax(dim=1) == torch.arange(len(logits), device=logits.device)
+            hits = retrieval_hits(outputs.logits_per_image.detach(), inputs["input_ids"], inputs["attention_mask"])
             metrics = {
                 f"loss_{n}": getattr(outputs, f"loss_{n}").item()
                 for n in ("itc", "itm", "itg")
                 if getattr(outputs, f"loss_{n}") is not None
             }
             self._accumulate(
-                **metrics, temperature=outputs.temperature.item(), batch_i2t_accuracy=hits.float().mean().item()
+                **metrics, temperature=outputs.temperature.item(), batch_i2t_accuracy=hits[:, 0].float().mean().item()
             )
         return (loss, outputs) if return_outputs else loss
 
@@ -147,9 +154,8 @@ class QFormerTrainer(_SmolVLMTrainer):
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if prediction_loss_only or outputs is None:
             return loss.detach(), None, None
-        logits = outputs.logits_per_image
-        predicted = torch.stack([logits.argmax(dim=1), logits.argmax(dim=0)], dim=1)
-        return loss.detach(), predicted, torch.arange(len(logits), device=logits.device)
+        hits = retrieval_hits(outputs.logits_per_image, inputs["input_ids"], inputs["attention_mask"]).long()
+        return loss.detach(), hits, torch.ones(len(hits), dtype=torch.long, device=hits.device)
 
 
 def answer_accuracy(prediction: EvalPrediction) -> dict[str, float]:
