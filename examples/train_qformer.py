@@ -13,7 +13,7 @@ import sys
 
 from smolvlm_qformer.cli import parse_arguments
 from smolvlm_qformer.data import DataArguments
-from smolvlm_qformer.training import ModelArguments, SmolVLMTrainingArguments, train_qformer
+from smolvlm_qformer.training import ModelArguments, QFormerTrainingArguments, train_qformer
 
 REFERENCE = {
     # an image-bearing copy of Conceptual Captions (webdataset shards: jpg + txt)
@@ -35,7 +35,7 @@ REFERENCE = {
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    arguments = parse_arguments((ModelArguments, DataArguments, SmolVLMTrainingArguments), argv, REFERENCE)
+    arguments = parse_arguments((ModelArguments, DataArguments, QFormerTrainingArguments), argv, REFERENCE)
     return train_qformer(*arguments)
 
 

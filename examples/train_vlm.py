@@ -11,7 +11,7 @@ import sys
 
 from smolvlm_qformer.cli import parse_arguments
 from smolvlm_qformer.data import DataArguments
-from smolvlm_qformer.training import ModelArguments, SmolVLMTrainingArguments, train_vlm
+from smolvlm_qformer.training import ModelArguments, VLMTrainingArguments, train_vlm
 
 REFERENCE = {
     "stage1_model": "smolvlm-qformer-stage1",
@@ -38,7 +38,7 @@ REFERENCE = {
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    arguments = parse_arguments((ModelArguments, DataArguments, SmolVLMTrainingArguments), argv, REFERENCE)
+    arguments = parse_arguments((ModelArguments, DataArguments, VLMTrainingArguments), argv, REFERENCE)
     return train_vlm(*arguments)
 
 

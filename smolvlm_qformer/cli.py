@@ -50,15 +50,15 @@ def parse_arguments(dataclasses: tuple, argv: list[str] | None, defaults: dict |
 
 
 def train_qformer_command(argv: list[str]) -> None:
-    from .training import ModelArguments, SmolVLMTrainingArguments, train_qformer
+    from .training import ModelArguments, QFormerTrainingArguments, train_qformer
 
-    train_qformer(*parse_arguments((ModelArguments, DataArguments, SmolVLMTrainingArguments), argv))
+    train_qformer(*parse_arguments((ModelArguments, DataArguments, QFormerTrainingArguments), argv))
 
 
 def train_vlm_command(argv: list[str]) -> None:
-    from .training import ModelArguments, SmolVLMTrainingArguments, train_vlm
+    from .training import ModelArguments, VLMTrainingArguments, train_vlm
 
-    train_vlm(*parse_arguments((ModelArguments, DataArguments, SmolVLMTrainingArguments), argv))
+    train_vlm(*parse_arguments((ModelArguments, DataArguments, VLMTrainingArguments), argv))
 
 
 def cache_features_command(argv: list[str]) -> None:

@@ -23,13 +23,16 @@ from smolvlm_qformer.testing_utils import make_shapes_dataset, save_tiny_backbon
 from smolvlm_qformer.training import (
     ModelArguments,
     QFormerTrainer,
+    QFormerTrainingArguments,
     SmolVLMTrainingArguments,
     VLMTrainer,
+    VLMTrainingArguments,
     build_stage1,
     build_stage2,
     save_stage2,
     train_qformer,
 )
+from smolvlm_qformer.training.run import apply_min_steps
 
 CHANCE = 1 / 12  # 4 colours x 3 shapes
 # transformers 5.24 renamed `gradient_checkpointing` (still accepted, with a FutureWarning) to this
@@ -438,3 +441,25 @@ def test_a_missing_backbone_names_the_flag_to_pass(backbones, tmp_path):
     args.language_model = str(tmp_path / "no-such-lm")
     with pytest.raises(OSError, match="--language_model"):
         build_stage1(args)
+
+
+def test_min_steps_gives_a_small_dataset_more_epochs(tmp_path):
+    args = _training_args(tmp_path, per_device_train_batch_size=8, num_train_epochs=3, min_steps=50)
+    apply_min_steps(args, 100)  # 3 epochs of 13 batches: 39 steps
+    assert args.max_steps == 50
+    large = _training_args(tmp_path, per_device_train_batch_size=8, num_train_epochs=3, min_steps=50)
+    apply_min_steps(large, 1000)  # 375 steps: the epochs rule
+    assert large.max_steps == -1
+    capped = _training_args(tmp_path, per_device_train_batch_size=8, max_steps=10, min_steps=50)
+    apply_min_steps(capped, 100)  # an explicit max_steps wins
+    assert capped.max_steps == 10
+
+
+def test_each_command_parses_its_stage_defaults(tmp_path):
+    from smolvlm_qformer.cli import parse_arguments
+
+    out = ["--output_dir", str(tmp_path), "--use_cpu", "true"]
+    stage1 = parse_arguments((QFormerTrainingArguments,), out)[0]
+    stage2 = parse_arguments((VLMTrainingArguments,), [*out, "--learning_rate", "3e-4"])[0]
+    assert (stage1.learning_rate, stage1.per_device_train_batch_size, stage1.min_steps) == (1e-4, 16, 150)
+    assert (stage2.learning_rate, stage2.min_steps, stage2.lr_scheduler_type) == (3e-4, 240, "cosine")

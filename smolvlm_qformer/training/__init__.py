@@ -1,6 +1,6 @@
 """Both training stages: arguments, `Trainer` subclasses and entry points."""
 
-from .arguments import ModelArguments, SmolVLMTrainingArguments
+from .arguments import ModelArguments, QFormerTrainingArguments, SmolVLMTrainingArguments, VLMTrainingArguments
 from .run import (
     build_processor,
     build_stage1,
@@ -18,8 +18,10 @@ from .trainers import QFormerTrainer, VLMTrainer
 __all__ = [
     "ModelArguments",
     "QFormerTrainer",
+    "QFormerTrainingArguments",
     "SmolVLMTrainingArguments",
     "VLMTrainer",
+    "VLMTrainingArguments",
     "build_processor",
     "build_stage1",
     "build_stage2",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -139,7 +140,26 @@ def _datasets(data_args: DataArguments, seed: int) -> tuple[IndexedDataset, Inde
     return train, evaluation
 
 
+def apply_min_steps(training_args: SmolVLMTrainingArguments, num_samples: int) -> None:
+    """Sets `max_steps` to `min_steps` where `num_train_epochs` over `num_samples` would train fewer steps (and
+    `max_steps` is not set): a few hundred photos need more passes than a large set."""
+    if training_args.max_steps > 0 or not training_args.min_steps:
+        return
+    batch = training_args.train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+    steps = math.ceil(training_args.num_train_epochs * math.ceil(num_samples / batch))
+    if steps < training_args.min_steps:
+        logger.info(
+            "%d samples, %g epochs: %d steps; training the minimum of %d (--min_steps) instead",
+            num_samples,
+            training_args.num_train_epochs,
+            steps,
+            training_args.min_steps,
+        )
+        training_args.max_steps = training_args.min_steps
+
+
 def _train(trainer, training_args: SmolVLMTrainingArguments) -> dict[str, float]:
+    apply_min_steps(training_args, len(trainer.train_dataset))
     resume = training_args.resume_from_checkpoint
     if resume == "auto":  # pick up the newest checkpoint in output_dir, if any
         from transformers.trainer_utils import get_last_checkpoint
