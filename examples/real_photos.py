@@ -53,7 +53,7 @@ class RealPhotosArguments:
     min_per_class: int = 8
     """With "category": folders with fewer photos are left out."""
     max_steps: int | None = None
-    """Training steps of each stage (default: the CLI's, 3 epochs)."""
+    """Training steps of each stage (default: the CLI's, `--min_steps` or 3 epochs, whichever is more)."""
     assets_dir: str | None = None
     seed: int = 0
 

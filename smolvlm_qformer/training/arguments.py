@@ -51,10 +51,10 @@ class ModelArguments:
     """Which of the LM's linear projections get LoRA: "attention" (its attention blocks'), "all-linear" (those and its
     MLPs'), found per architecture (`SmolVLMQFormerForConditionalGeneration.lora_target_modules`); anything else is
     a regex over full module names."""
-    train_qformer: bool = True
-    """Stage 2 trains the Q-Former's query path along with the adapter and LoRA (BLIP-2's recipe). False keeps it
-    as stage 1 left it: on the demo's data, training it at the stage-2 learning rate sometimes erased what stage 1
-    aligned within 50 steps, so that the model never learned to read the image (`docs/demo.md`)."""
+    train_qformer: bool = False
+    """Stage 2 also trains the Q-Former's query path (BLIP-2's recipe). Off by default: at the stage-2 learning rate
+    its outputs could collapse to one soft prompt, the same for every image, after which the LM never learned to
+    read the image (docs/experiments); stage 1 has aligned it already."""
     frozen_lm_dtype: str | None = None
     """Stage 2: hold the frozen LM weights in this dtype ("bfloat16", "float32", or "auto": bfloat16 where the device
     runs it natively and faster, see `hardware.bf16_is_fast`); LoRA and the saved, merged model stay float32.
