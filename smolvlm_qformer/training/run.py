@@ -140,10 +140,11 @@ def _datasets(data_args: DataArguments, seed: int) -> tuple[IndexedDataset, Inde
     return train, evaluation
 
 
-def apply_min_steps(training_args: SmolVLMTrainingArguments, num_samples: int) -> None:
+def apply_min_steps(training_args: SmolVLMTrainingArguments, num_samples: int | None) -> None:
     """Sets `max_steps` to `min_steps` where `num_train_epochs` over `num_samples` would train fewer steps (and
-    `max_steps` is not set): a few hundred photos need more passes than a large set."""
-    if training_args.max_steps > 0 or not training_args.min_steps:
+    `max_steps` is not set): a few hundred photos need more passes than a large set. A stream (`num_samples` None)
+    trains `max_steps`, which Trainer requires of it."""
+    if training_args.max_steps > 0 or not training_args.min_steps or num_samples is None:
         return
     batch = training_args.train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
     steps = math.ceil(training_args.num_train_epochs * math.ceil(num_samples / batch))
@@ -159,7 +160,8 @@ def apply_min_steps(training_args: SmolVLMTrainingArguments, num_samples: int) -
 
 
 def _train(trainer, training_args: SmolVLMTrainingArguments) -> dict[str, float]:
-    apply_min_steps(training_args, len(trainer.train_dataset))
+    dataset = trainer.train_dataset
+    apply_min_steps(training_args, len(dataset) if hasattr(dataset, "__len__") else None)
     resume = training_args.resume_from_checkpoint
     if resume == "auto":  # pick up the newest checkpoint in output_dir, if any
         from transformers.trainer_utils import get_last_checkpoint
