@@ -5,7 +5,7 @@ token: the same run with one new token).
 
     python benchmarks/bench_serve.py [--quick] [--tiny | --folder FOLDER] [--json out.json]
 
-Runs in the vLLM environment (README, "Serving with vLLM"). The default model has the reference shapes (ViT-B/16 at
+Runs in the vLLM environment (`docs/serving.md`). The default model has the reference shapes (ViT-B/16 at
 224, DistilBERT-base Q-Former with 32 queries, SmolLM2-135M) with random weights, built and saved in-process
 (nothing is downloaded), except for the LM's vocabulary: the in-process tokenizer's 384 tokens instead of SmolLM2's
 49152, a smaller LM head for both contenders. `--folder` times a saved model instead (the demo's, say). vLLM's CPU

