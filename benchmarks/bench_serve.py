@@ -45,11 +45,7 @@ def save_model(folder: Path, tiny: bool) -> None:
         tokenizer = processor.tokenizer
         text_config = {**SMOLLM2_135M, "vocab_size": len(tokenizer) - 1, "pad_token_id": None}
         text_config |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-        config = SmolVLMQFormerConfig(
-            text_config=text_config,
-            image_token_id=processor.image_token_id,
-            default_prompt_ids=processor.default_prompt_ids,
-        )
+        config = SmolVLMQFormerConfig.for_processor(processor, text_config=text_config)
         model = SmolVLMQFormerForConditionalGeneration(config).eval()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

@@ -35,7 +35,7 @@ import datasets
 import torch
 from transformers import set_seed
 
-from .assets import AssetPaths, fetch_assets
+from .assets import BASE_MODELS, AssetPaths, fetch_assets
 from .data import (
     DataArguments,
     FeatureCache,
@@ -56,7 +56,6 @@ from .training import ModelArguments, SmolVLMTrainingArguments, build_stage1, bu
 
 logger = logging.getLogger(__name__)
 
-BASE_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2")
 RECALL_KS = (1, 5)
 # The default run's minutes on 2 cores (`docs/demo.md`), for the ETA printed at the start: where bf16 is fast,
 # 8.5-10 on an AMD EPYC with AVX512-BF16, 14 on an Intel Xeon (AMX) in a slow hour, about 8 in the hours when rows of

@@ -11,11 +11,9 @@ from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
-REFERENCE_BACKBONES = (
-    "google/vit-base-patch16-224-in21k",
-    "distilbert/distilbert-base-uncased",
-    "HuggingFaceTB/SmolLM2-135M-Instruct",
-)
+from .configuration_smolvlm_qformer import DEFAULT_BACKBONES
+
+REFERENCE_BACKBONES = tuple(DEFAULT_BACKBONES.values())
 TAGS = ("smolvlm-qformer", "blip-2", "q-former", "vision-language", "lora", "custom_code")
 METRIC_NAMES = {"cider_d": "CIDEr-D", "bleu": "BLEU-4", "vqa_accuracy": "VQA accuracy", "mean_recall": "Mean recall"}
 REMOTE_CODE_FILES = ("configuration_smolvlm_qformer.py", "modeling_smolvlm_qformer.py", "processing_smolvlm_qformer.py")

@@ -52,7 +52,7 @@ def build_stage1(model_args: ModelArguments) -> tuple[SmolVLMQFormerForImageText
         vision=model_args.vision_model,
         qformer=model_args.qformer_model,
         qformer_config=qformer_config,
-        image_token_id=processor.image_token_id,
+        processor=processor,
     )
     return model, processor
 
