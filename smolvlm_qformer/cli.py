@@ -1,8 +1,8 @@
 """`smolvlm-qformer`: train both stages, cache vision features, caption images, answer questions, evaluate a model,
 upload it to the Hub, serve it with vLLM and chat with it in a browser.
 
-Training commands take `HfArgumentParser` arguments (model, data and `TrainingArguments` fields as `--flags`), or a
-single YAML / JSON file holding them.
+Training commands take `HfArgumentParser` arguments (model, data and `TrainingArguments` fields as `--flags`), and
+`--config FILE`: a YAML / JSON recipe of them (e.g. `recipes/demo_stage2.yaml`) that the flags beside it override.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
@@ -37,15 +38,37 @@ class CacheArguments:
     """Must equal the training run's `--seed`: it decides the train/eval split the cache is built for."""
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The values of a YAML / JSON recipe (JSON is YAML). Paths under keys ending in `_file` are relative to the
+    recipe's folder, so a recipe and the files it names travel together."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    for key, value in values.items():
+        if key.endswith("_file") and isinstance(value, str) and not Path(value).is_absolute():
+            values[key] = str(path.parent / value)
+    return values
+
+
 def parse_arguments(dataclasses: tuple, argv: list[str] | None, defaults: dict | None = None) -> tuple:
-    """`--flags`, or one YAML / JSON file, into the dataclasses; `defaults` replace the dataclasses' own."""
+    """`--flags` into the dataclasses, over the values of `--config FILE` (a YAML / JSON recipe; a lone FILE works
+    too), over `defaults`, over the dataclasses' own defaults. A recipe key that no dataclass has is an error."""
     parser = HfArgumentParser(dataclasses)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        with open(argv[0], encoding="utf-8") as f:
-            values = yaml.safe_load(f)  # JSON is YAML
-        return parser.parse_dict({**(defaults or {}), **values})
-    parser.set_defaults(**(defaults or {}))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
+        argv = ["--config", argv[0]]
+    config = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config.add_argument("--config")
+    given, argv = config.parse_known_args(argv)
+    values = {**(defaults or {}), **(read_recipe(given.config) if given.config else {})}
+    known = {field.name for dataclass_ in dataclasses for field in fields(dataclass_)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"error: unknown settings {', '.join(unknown)} (not flags of this command)")
+    parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(argv)
 
 
@@ -321,7 +344,7 @@ def demo_command(argv: list[str]) -> None:
 
 
 COMMANDS = {
-    "demo": (demo_command, "train both stages on easy-VQA offline and evaluate (11-56 min on 2 cores)"),
+    "demo": (demo_command, "train both stages on easy-VQA offline and evaluate (it prints its ETA first)"),
     "train-qformer": (train_qformer_command, "stage 1: align the Q-Former with the vision encoder (ITC/ITM/ITG)"),
     "train-vlm": (train_vlm_command, "stage 2: Q-Former + MLP adapter + LoRA on the LM loss"),
     "cache-features": (cache_features_command, "run the frozen vision encoder once and store its outputs"),
