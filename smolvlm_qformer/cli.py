@@ -22,6 +22,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .data import DataArguments
+from .hardware import BF16_CHOICES, inference_dtype
 
 logger = logging.getLogger("smolvlm_qformer")
 
@@ -140,6 +141,12 @@ def _generation_parser(prog: str, question: bool) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16, help="images per generate call")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--bf16",
+        default="auto",
+        choices=BF16_CHOICES,
+        help="run the model in bfloat16 (auto: where the device runs it natively)",
+    )
     parser.add_argument("--output", help="write one JSON object per image to this .jsonl file instead of stdout")
     parser.add_argument("images", nargs="+", help="image files, folders of images, or glob patterns")
     if question:
@@ -168,7 +175,7 @@ def _generate(args: argparse.Namespace, question: str | None) -> None:
     from .inference import generate_texts, load_for_inference
 
     paths = expand_image_paths(args.images)
-    model, processor = load_for_inference(args.model, args.device)
+    model, processor = load_for_inference(args.model, args.device, inference_dtype(args.bf16, args.device))
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115 - closed below
     texts = generate_texts(
         model,

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from .data import easy_vqa as data
 from .demo_figures import plot_examples, plot_losses, plot_query_attention
 from .evaluation import easy_vqa as scores
 from .evaluation import retrieval_recall_at_k, retrieval_scores
-from .hardware import describe_cpu
+from .hardware import BF16_CHOICES, describe_cpu, inference_dtype, resolve_bf16
 from .inference import generate_texts, load_for_inference
 from .model_card import try_it_command, write_demo_model_card
 from .training import ModelArguments, SmolVLMTrainingArguments, build_stage1, build_stage2, fit_stage1, fit_stage2
@@ -101,6 +101,9 @@ class DemoArguments:
     image_size: int | None = 56
     """Side the vision encoder sees (easy-VQA's images are 64 px; 56 = 4 x 4 DINOv2 patches). None: the processor's."""
     max_new_tokens: int = 6
+    bf16: str = field(default="auto", metadata={"choices": list(BF16_CHOICES)})
+    """The saved model's dtype when the demo evaluates it: auto (bf16 where the device runs it natively), true or
+    false; recorded as `inference_bf16` in metrics.json. (Training precision is the recipes'.)"""
     device: str | None = None
     """Default: cuda when available, else cpu."""
     seed: int = 42
@@ -241,7 +244,10 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
     del vlm, trainer
 
     # The saved folder, loaded as anyone would (`inference.load_for_inference`), answers the test questions.
-    model, processor = load_for_inference(training_args.output_dir, args.device)
+    inference_bf16 = resolve_bf16(args.bf16, args.device)
+    model, processor = load_for_inference(
+        training_args.output_dir, args.device, inference_dtype(inference_bf16, args.device)
+    )
     test_questions, _ = data.questions_and_captions(rows_of_images(data_args, "test", paths["test"]))
     test_questions = data.sample_rows(test_questions, args.test_questions, args.seed)
     caption_images = data.sample_rows(test_images, args.test_captions, args.seed)
@@ -275,6 +281,7 @@ def run_demo(args: DemoArguments, backbones: AssetPaths | None = None) -> dict[s
         "num_train_images": len(images["train"]),
         "num_train_questions": stage2.num_questions,
         "num_train_captions": stage2.num_captions,
+        "inference_bf16": inference_bf16,
         "seconds": seconds,
     }
 

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from smolvlm_qformer.cli import main
+from smolvlm_qformer.hardware import bf16_is_fast
 from smolvlm_qformer.testing_utils import make_shapes_dataset, save_tiny_backbones
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -39,7 +40,8 @@ def _example(name: str):
 def test_stage1_stage2_and_inference_commands(workspace, capsys):
     root, backbones, data, model_flags, data_flags = workspace
     main(["train-qformer", *model_flags, *data_flags, *TRAIN_FLAGS, "--output_dir", str(root / "stage1")])
-    assert json.loads((root / "stage1" / "all_results.json").read_text())["train_skipped_samples"] == 0
+    stage1_results = json.loads((root / "stage1" / "all_results.json").read_text())
+    assert stage1_results["train_skipped_samples"] == 0 and stage1_results["train_bf16"] is bf16_is_fast("cpu")
 
     config = {
         "stage1_model": str(root / "stage1"),

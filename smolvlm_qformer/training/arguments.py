@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..configuration_smolvlm_qformer import DEFAULT_BACKBONES
-from ..hardware import bf16_is_fast
+from ..hardware import BF16_CHOICES, resolve_bf16
 
 # transformers 5.24 renamed `gradient_checkpointing_kwargs` (a deprecated alias until v6) to this
 CHECKPOINTING_KWARGS = next(
@@ -70,7 +70,8 @@ class SmolVLMTrainingArguments(TrainingArguments):
 
     Stage 1: pretrained DistilBERT weights train at `learning_rate`; queries, cross-attention, projections, heads
     and temperature at `new_parts_learning_rate`. Stage 2: the Q-Former at `learning_rate`; the MLP adapter and
-    LoRA at `new_parts_learning_rate`. `bf16` defaults to whatever is faster on the training device.
+    LoRA at `new_parts_learning_rate`. `bf16` is "auto" (decided from the training device's hardware,
+    `hardware.resolve_bf16`), "true" or "false", and a bool once parsed.
     Activation checkpointing defaults to torch's non-reentrant kind (5.x's default) on every release: 4.x's reentrant
     default needs inputs that require gradients and warns on each frozen vision-encoder layer.
     """
@@ -78,11 +79,13 @@ class SmolVLMTrainingArguments(TrainingArguments):
     new_parts_learning_rate: float | None = field(
         default=None, metadata={"help": "learning rate of the newly initialised parts (default: 5 x learning_rate)"}
     )
-    bf16: bool | None = field(
-        default=None,
+    bf16: str = field(
+        default="auto",
         metadata={
-            "help": "bf16 mixed precision (default: on CUDA GPUs with bf16; with --use_cpu, on AVX512-BF16/AMX CPUs "
-            "where a bf16 matmul is timed faster than float32)"
+            "help": "bf16 mixed precision: auto (on where the hardware runs bf16 natively and faster: CUDA GPUs with "
+            "bf16; with --use_cpu, CPUs with AMX or AMD's AVX512-BF16; see smolvlm_qformer.hardware), true or false. "
+            "The choice is logged and recorded as train_bf16 in all_results.json",
+            "choices": list(BF16_CHOICES),
         },
     )
     remove_unused_columns: bool = field(
@@ -90,8 +93,8 @@ class SmolVLMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if self.bf16 is None:  # transformers allows bf16 on a CPU only with use_cpu
-            self.bf16 = bf16_is_fast("cpu" if self.use_cpu else "cuda")
+        # "auto" decided for the training device (transformers allows bf16 on a CPU only with use_cpu)
+        self.bf16 = resolve_bf16(self.bf16, "cpu" if self.use_cpu else "cuda")
         if getattr(self, CHECKPOINTING_KWARGS) is None:
             setattr(self, CHECKPOINTING_KWARGS, {"use_reentrant": False})
         super().__post_init__()

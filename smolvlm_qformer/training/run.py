@@ -151,6 +151,7 @@ def _train(trainer, training_args: SmolVLMTrainingArguments) -> dict[str, float]
         "train_skipped_samples": trainer.skipped_samples,
         "train_dropped_turns": trainer.dropped_turns,
         "train_empty_text_rows": getattr(trainer.train_dataset, "empty_text_rows", 0),
+        "train_bf16": training_args.bf16,  # what `--bf16` (auto by default) decided
     }
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
