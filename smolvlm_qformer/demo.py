@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 RECIPES = Path(__file__).parent / "recipes"
 STAGE_ARGUMENTS = (ModelArguments, DataArguments, SmolVLMTrainingArguments)
 # Minutes of the default run on 2 cores by the precision its frozen LM gets (`docs/benchmarks.md`): the one table
-# behind the ETA the demo prints and the CLI's help line.
+# behind the ETA the demo prints at its start.
 DEFAULT_RUN_MINUTES = {"bf16": "8-14", "float32": "28-56"}
 # Stage 2's yes/no questions answer as worded this often (easy-VQA's own 82% lets stage 2 answer them from the wording)
 DEFAULT_YES_NO_WORDING_SHARE = 0.65
