@@ -23,16 +23,16 @@ from torch.utils.data import DataLoader
 
 from smolvlm_qformer.assets import AssetPaths, fetch_assets
 from smolvlm_qformer.data import IndexedDataset, build_feature_cache
-from smolvlm_qformer.data.easy_vqa import easy_vqa_dataset
-from smolvlm_qformer.demo import DemoArguments, model_arguments, stage2_data, stage2_data_args
+from smolvlm_qformer.data.easy_vqa import easy_vqa_dataset, stage2_data
+from smolvlm_qformer.demo import DemoArguments, rows_of_images, stage_arguments, stage_settings
 from smolvlm_qformer.testing_utils import save_tiny_backbones, tiny_processor
 from smolvlm_qformer.training import build_stage1, build_stage2, stage2_collator
 
-CONTENDERS = {
-    "rows, 16 a step": {"conversations": False},
-    "conversations, 5 images x 3 questions (default)": {},
-    "conversations, 6 images, 1-9 questions": {"questions_per_image": 0, "stage2_batch_size": 6},
-    "the default, LoRA on attention only": {"lora_target_modules": "attention"},
+CONTENDERS = {  # the demo's flags, and what each changes in its stage-2 recipe
+    "rows, 16 a step": ({"conversations": False}, {}),
+    "conversations, 5 images x 3 questions (default)": ({}, {}),
+    "conversations, 6 images, 1-9 questions": ({"questions_per_image": 0, "stage2_batch_size": 6}, {}),
+    "the default, LoRA on attention only": ({}, {"lora_target_modules": "attention"}),
 }
 
 
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         if args.quick:  # 1,200 questions about 400 images
             settings |= {"train_images": 400, "train_questions": 1200, "train_captions": 80}
         base = DemoArguments(**settings)
-        model_args = model_arguments(base, backbones)
-        stage1, processor = build_stage1(model_args)
+        stage1, processor = build_stage1(stage_arguments(stage_settings(base, backbones, scratch)["stage1"])[0])
         if base.image_size is not None:
             processor.image_processor.size = {"height": base.image_size, "width": base.image_size}
         images = easy_vqa_dataset("train", "captions")
@@ -79,15 +78,26 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
         contenders, shapes, epochs = {}, {}, {}
         stage2_models = {}  # one per distinct model arguments: most contenders differ only in their data
-        for name, flags in CONTENDERS.items():
+        for name, (flags, recipe) in CONTENDERS.items():
             demo_args = DemoArguments(**settings, **flags)
-            stage2_args = model_arguments(demo_args, backbones)
+            stage2_args, data_args, training_args = stage_arguments(
+                stage_settings(demo_args, backbones, scratch)["stage2"] | recipe | {"stage1_model": None}  # fresh
+            )
             if repr(stage2_args) not in stage2_models:
                 stage2_models[repr(stage2_args)] = build_stage2(stage2_args)
             vlm, processor = stage2_models[repr(stage2_args)]
-            data = stage2_data(demo_args, set(images["image"]))
-            collate = stage2_collator(vlm, processor, stage2_data_args(demo_args, scratch), demo_args.seed)
-            stream = batches(IndexedDataset(data.train, cache), demo_args.stage2_batch_size, collate)
+            data = stage2_data(
+                rows_of_images(data_args, "train", set(images["image"])),
+                demo_args.train_questions,
+                demo_args.train_captions,
+                demo_args.seed,
+                demo_args.yes_no_wording_share,
+                demo_args.questions_per_image,
+                demo_args.conversations,
+            )
+            collate = stage2_collator(vlm, processor, data_args, demo_args.seed)
+            batch_size = training_args.per_device_train_batch_size
+            stream = batches(IndexedDataset(data.train, cache), batch_size, collate)
             shapes[name] = []
 
             def next_batch(stream=stream, seen=shapes[name]) -> dict[str, torch.Tensor]:
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 return batch
 
             contenders[name] = training_step(vlm, next_batch)
-            epochs[name] = -(-len(data.train) // demo_args.stage2_batch_size)
+            epochs[name] = -(-len(data.train) // batch_size)
         seconds = interleaved_medians(contenders, steps)
 
     figures = {}

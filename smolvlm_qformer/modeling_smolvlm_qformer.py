@@ -273,7 +273,7 @@ class QFormerModel(DistilBertPreTrainedModel):
     `cross_attention_frequency`-th layer lets the queries attend to the image.
 
     Pass `vision_hidden_states` (the frozen vision encoder's output) for the query path, `input_ids` for the text
-    path, or both with an attention `mode`. `QFormerModel.from_pretrained("distilbert-base-uncased",
+    path, or both with an attention `mode`. `QFormerModel.from_pretrained(DEFAULT_BACKBONES["qformer"],
     encoder_hidden_size=...)` loads DistilBERT's weights; only the queries and cross-attention blocks start fresh.
     """
 
@@ -576,17 +576,21 @@ class SmolVLMQFormerForImageTextRetrieval(SmolVLMQFormerPreTrainedModel):
     @classmethod
     def from_backbones(
         cls,
-        vision: str = "google/vit-base-patch16-224-in21k",
-        qformer: str = "distilbert-base-uncased",
+        vision: str = DEFAULT_BACKBONES["vision"],
+        qformer: str = DEFAULT_BACKBONES["qformer"],
         qformer_config: dict | None = None,
+        processor: SmolVLMQFormerProcessor | None = None,
         **config_kwargs,
     ) -> SmolVLMQFormerForImageTextRetrieval:
         """A stage-1 model from a pretrained vision encoder and a DistilBERT checkpoint (Hub ids or local folders);
-        `qformer_config` overrides Q-Former settings such as `num_query_tokens` or `losses`."""
+        `qformer_config` overrides Q-Former settings such as `num_query_tokens` or `losses`. With `processor`, the
+        config carries what it shares with the processor (`SmolVLMQFormerConfig.for_processor`)."""
         vision_model, qformer_model = load_vision_and_qformer(vision, qformer, None, qformer_config)
-        config = SmolVLMQFormerConfig(
-            vision_config=vision_model.config, qformer_config=qformer_model.config, **config_kwargs
-        )
+        config_kwargs |= {"vision_config": vision_model.config, "qformer_config": qformer_model.config}
+        if processor is not None:
+            config = SmolVLMQFormerConfig.for_processor(processor, **config_kwargs)
+        else:
+            config = SmolVLMQFormerConfig(**config_kwargs)
         model = cls(config)
         model.vision_model.load_state_dict(vision_model.state_dict())
         model.qformer.load_state_dict(qformer_model.state_dict())
@@ -1025,12 +1029,11 @@ class SmolVLMQFormerForConditionalGeneration(SmolVLMQFormerPreTrainedModel, Gene
         qformer_config = {**(qformer_config or {}), "num_query_tokens": processor.num_query_tokens}
         vision_model, qformer_model = load_vision_and_qformer(vision, qformer, stage1, qformer_config)
         lm = AutoModelForCausalLM.from_pretrained(language_model, use_safetensors=True)
-        config = SmolVLMQFormerConfig(
+        config = SmolVLMQFormerConfig.for_processor(
+            processor,
             vision_config=vision_model.config,
             qformer_config=qformer_model.config,
             text_config=lm.config,
-            image_token_id=processor.image_token_id,
-            default_prompt_ids=processor.default_prompt_ids,
             **config_kwargs,
         )
         model = cls(config)

@@ -164,7 +164,8 @@ def tiny_config(processor: SmolVLMQFormerProcessor | None = None, **qformer_kwar
     """Vision 2 layers x 32 wide, Q-Former 2 layers x 32, LM 2 layers x 32: a model that runs in milliseconds."""
     processor = processor or tiny_processor()
     image_size = processor.image_processor.size["height"]
-    return SmolVLMQFormerConfig(
+    return SmolVLMQFormerConfig.for_processor(
+        processor,
         vision_config={
             "model_type": "vit",
             "hidden_size": 32,
@@ -188,8 +189,6 @@ def tiny_config(processor: SmolVLMQFormerProcessor | None = None, **qformer_kwar
             **qformer_kwargs,
         },
         text_config=tiny_lm_config("llama", processor.tokenizer),
-        image_token_id=processor.image_token_id,
-        default_prompt_ids=processor.default_prompt_ids,
     )
 
 

@@ -40,13 +40,15 @@ def _seed():
 
 @pytest.fixture
 def fake_cpu(monkeypatch):
-    """`fake_cpu(native_bf16, capability="AVX512", bf16_speedup=4.0)`: the CPU that `hardware.bf16_is_fast` sees (no
-    AMX; a bf16 matmul `bf16_speedup` times as fast as a float32 one)."""
+    """`fake_cpu(native_bf16, capability="AVX512", vendor="AuthenticAMD", amx=False)`: the CPU that
+    `hardware.bf16_is_fast` sees (AVX512-BF16 if `native_bf16`), with a bf16 matmul timed at 4x float32 (a figure
+    only reported)."""
 
-    def fake(native_bf16: bool, capability: str = "AVX512", bf16_speedup: float = 4.0) -> None:
+    def fake(native_bf16: bool, capability: str = "AVX512", vendor: str = "AuthenticAMD", amx: bool = False) -> None:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-        monkeypatch.setattr(hardware, "cpu_bf16_matmul_speedup", lambda: bf16_speedup)
+        monkeypatch.setattr(hardware, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(hardware, "cpu_bf16_matmul_speedup", lambda: 4.0)
 
     return fake

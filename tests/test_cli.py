@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from smolvlm_qformer.cli import main
+from smolvlm_qformer.cli import COMMANDS, CacheArguments, _generation_parser, main, parse_arguments
+from smolvlm_qformer.hardware import bf16_is_fast
 from smolvlm_qformer.testing_utils import make_shapes_dataset, save_tiny_backbones
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -39,7 +40,8 @@ def _example(name: str):
 def test_stage1_stage2_and_inference_commands(workspace, capsys):
     root, backbones, data, model_flags, data_flags = workspace
     main(["train-qformer", *model_flags, *data_flags, *TRAIN_FLAGS, "--output_dir", str(root / "stage1")])
-    assert json.loads((root / "stage1" / "all_results.json").read_text())["train_skipped_samples"] == 0
+    stage1_results = json.loads((root / "stage1" / "all_results.json").read_text())
+    assert stage1_results["train_skipped_samples"] == 0 and stage1_results["train_bf16"] is bf16_is_fast("cpu")
 
     config = {
         "stage1_model": str(root / "stage1"),
@@ -109,6 +111,30 @@ def test_unknown_command_prints_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["no-such-command"])
     assert exit_info.value.code == 2 and "train-qformer" in capsys.readouterr().out
+
+
+def test_help_lists_every_command_on_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert exit_info.value.code == 0
+    for name, (_, help_) in COMMANDS.items():
+        assert sum(line.split()[:1] == [name] for line in lines) == 1 and any(help_ in line for line in lines), name
+
+
+def test_every_command_takes_dashes_and_underscores_alike(served_folder, capsys, tmp_path):
+    parser = _generation_parser("ask", question=True)
+    for style in ("-", "_"):
+        flags = [f"--max{style}new{style}tokens", "3", f"--batch{style}size", "2", "--model", "m", "a.png", "Q?"]
+        args = parser.parse_args(flags)
+        assert (args.max_new_tokens, args.batch_size, args.images, args.question) == (3, 2, ["a.png"], "Q?")
+        main(["serve", f"--dry{style}run", str(served_folder), "--port", "8001"])  # prints, starts nothing
+        assert "--port 8001" in capsys.readouterr().out
+        (cache,) = parse_arguments((CacheArguments,), [f"--shard{style}size", "8"])
+        assert cache.shard_size == 8
+    with pytest.raises(SystemExit) as exit_info:  # a command name with underscores: the same command
+        main(["train_qformer", "--help"])
+    assert exit_info.value.code == 0 and "--vision_model" in capsys.readouterr().out
 
 
 def test_example_scripts_run_with_the_reference_defaults_overridden(workspace):

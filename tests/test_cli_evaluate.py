@@ -43,8 +43,8 @@ def _evaluate(root: Path, model: str, *flags: str, split: str = "train") -> dict
 
 
 def test_stage2_captions_scored_and_the_unreadable_image_counted(workspace, capsys):
-    results = _evaluate(workspace, "stage2", "--max_new_tokens", "3", "--batch_size", "5")
-    assert results["task"] == "generation" and results["num_rows"] == 12
+    results = _evaluate(workspace, "stage2", "--max_new_tokens", "3", "--batch_size", "5", "--bf16", "false")
+    assert results["task"] == "generation" and results["num_rows"] == 12 and results["bf16"] is False
     assert results["skipped_images"] == 1 and results["num_captioned_images"] == 11
     assert results["num_questions"] == 0 and "vqa_accuracy" not in results
     assert 0 <= results["bleu"] <= 1 and 0 <= results["cider_d"] <= 10  # CIDEr-D's scale tops out at 10

@@ -11,8 +11,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from smolvlm_qformer.assets import AssetPaths
 from smolvlm_qformer.cli import COMMANDS, parse_arguments
-from smolvlm_qformer.demo import DemoArguments, _table, run_demo
+from smolvlm_qformer.demo import DemoArguments, run_demo, stage_arguments, stage_settings
 from smolvlm_qformer.evaluation import retrieval_recall_at_k
+from smolvlm_qformer.evaluation.easy_vqa import demo_table, yes_no_metrics
 from smolvlm_qformer.testing_utils import save_tiny_backbones
 
 easy_vqa = pytest.importorskip("easy_vqa")
@@ -58,7 +59,7 @@ def demo(tmp_path_factory, processor):
 def test_metrics_json(demo):
     output_dir, returned = demo
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    assert {k: v for k, v in metrics.items() if k != "arguments"} == returned
+    assert {k: v for k, v in metrics.items() if k not in ("arguments", "settings")} == returned
     assert all(0 <= metrics[name] <= 1 for name in RATES)
     assert metrics["image_to_text_r1"] <= metrics["image_to_text_r5"]
     assert metrics["text_to_image_r1"] <= metrics["text_to_image_r5"]
@@ -76,7 +77,7 @@ def test_metrics_json(demo):
 
 def test_the_table_puts_the_frozen_feature_baselines_beside_the_model(demo):
     _, metrics = demo
-    lines = _table(metrics).splitlines()
+    lines = demo_table(metrics).splitlines()
     baselines = metrics["frozen_feature_baselines"]
     assert lines[0].split()[-2:] == ["nearest", "probe"]
     caption = next(line for line in lines if line.startswith("caption accuracy"))
@@ -139,8 +140,28 @@ def test_a_text_matches_every_image_with_its_caption():
 def test_the_demo_picks_its_frozen_lm_dtype_by_the_hardware_and_eager_attention_on_cpu(demo):
     """ "auto": bf16 only where the CPU runs it natively (see test_training's frozen-LM test on both CPU kinds)."""
     output_dir, _ = demo
-    arguments = json.loads((output_dir / "metrics.json").read_text())["arguments"]
-    assert arguments["frozen_lm_dtype"] == "auto" and arguments["lm_attn_implementation"] == "eager"
+    stage2 = json.loads((output_dir / "metrics.json").read_text())["settings"]["stage2"]
+    assert stage2["frozen_lm_dtype"] == "auto" and stage2["lm_attn_implementation"] == "eager"
+
+
+def test_the_stages_run_their_recipes_with_the_demos_flags_over_them(tmp_path):
+    backbones = AssetPaths(vision=tmp_path / "v", qformer=tmp_path / "q", language_model=tmp_path / "lm")
+    settings = stage_settings(DemoArguments(device="cpu", lora_r=4, stage2_epochs=3), backbones, tmp_path)
+    model, data, training = stage_arguments(settings["stage2"])
+    assert (model.lora_r, model.lora_alpha, model.lora_target_modules, model.train_qformer) == (
+        4,
+        8,
+        "all-linear",
+        False,
+    )
+    assert (model.stage1_model, model.language_model) == (str(tmp_path / "stage1"), str(tmp_path / "lm"))
+    assert (training.num_train_epochs, training.per_device_train_batch_size, training.learning_rate) == (3, 5, 2e-4)
+    assert (training.bf16, training.use_cpu, training.output_dir) == (False, True, str(tmp_path / "model"))
+    assert data.prompts_file.endswith("demo_prompts.json") and data.independent_turns and data.shuffle_turns
+    stage1 = stage_arguments(settings["stage1"])
+    assert (stage1[0].num_query_tokens, stage1[1].max_caption_tokens, stage1[2].num_train_epochs) == (8, 16, 2)
+    rows = stage_settings(DemoArguments(device="cpu", conversations=False), backbones, tmp_path)["stage2"]
+    assert (rows["per_device_train_batch_size"], rows["independent_turns"]) == (16, False)
 
 
 def test_demo_command_and_flags():
@@ -161,20 +182,22 @@ def test_the_yes_no_wording_share_defaults_to_its_measured_value_where_questions
     assert DemoArguments(train_questions=None).yes_no_wording_share is None  # every question: as they come
 
 
-def test_stage2_defaults_to_conversations_of_three_questions_and_rows_keep_their_own_defaults():
+def test_stage2_defaults_to_conversations_of_three_questions_and_rows_to_one_question_each():
     args = DemoArguments()
-    assert (args.conversations, args.questions_per_image, args.stage2_batch_size) == (True, 3, 5)
+    assert (args.conversations, args.questions_per_image) == (True, 3)
     rows = parse_arguments((DemoArguments,), ["--conversations", "false"])[0]
-    assert (rows.conversations, rows.questions_per_image, rows.stage2_batch_size) == (False, 0, 16)
+    assert (rows.conversations, rows.questions_per_image) == (False, 0)
 
 
 def test_the_default_stage2_data_is_one_conversation_of_three_questions_per_image():
     pytest.importorskip("easy_vqa")
-    from smolvlm_qformer.data.easy_vqa import easy_vqa_dataset, wording_answer
-    from smolvlm_qformer.demo import stage2_data
+    from smolvlm_qformer.data.easy_vqa import easy_vqa_dataset, stage2_data, wording_answer
 
     paths = set(easy_vqa_dataset("train", "captions")["image"][:400])
-    data = stage2_data(DemoArguments(train_questions=600, train_captions=50), paths)
+    rows = easy_vqa_dataset("train", "vqa").filter(lambda path: path in paths, input_columns="image")
+    rows = rows.filter(lambda answer: answer is not None, input_columns="answer")  # as the loader drops empty text
+    args = DemoArguments(train_questions=600, train_captions=50)
+    data = stage2_data(rows, 600, 50, args.seed, args.yes_no_wording_share, per_image=3, conversations=True)
     assert (data.num_questions, data.num_captions, len(data.train)) == (600, 50, 200)
     exchanges = []
     for messages in data.train["messages"]:
@@ -187,52 +210,18 @@ def test_the_default_stage2_data_is_one_conversation_of_three_questions_per_imag
     assert as_worded == pytest.approx(DemoArguments().yes_no_wording_share, abs=0.01)
 
 
-def test_conversation_mode_groups_each_images_caption_and_questions():
-    import datasets
-
-    from smolvlm_qformer.demo import _conversations, _sample, _sample_questions
-
-    rows = datasets.Dataset.from_dict(
-        {
-            "image": ["a.png", "b.png", "a.png", "a.png"],
-            "question": ["Colour?", "Shape?", None, "Is it red?"],
-            "answer": ["red", "circle", "a red square", "yes"],
-        }
-    )
-    grouped = _conversations(rows)
-    assert grouped["image"] == ["a.png", "b.png"]
-    first = grouped[0]["messages"]
-    assert [m["role"] for m in first] == ["user", "assistant"] * 3
-    assert [p["type"] for p in first[0]["content"]] == ["image"]  # the caption turn: its instruction is drawn later
-    assert first[1]["content"][0]["text"] == "a red square"
-    assert [m["content"][-1]["text"] for m in first[2::2]] == ["Colour?", "Is it red?"]
-    assert sum(p["type"] == "image" for m in first for p in m["content"]) == 1
-
-    many = datasets.Dataset.from_dict(
-        {"image": [f"{i % 5}.png" for i in range(50)], "question": [f"q{i}" for i in range(50)], "answer": ["x"] * 50}
-    )
-    sampled = _sample_questions(many, 9, per_image=3, seed=0)
-    per_image = {path: sampled["image"].count(path) for path in set(sampled["image"])}
-    assert len(sampled) == 9 and sorted(per_image.values()) == [3, 3, 3]
-    assert _sample_questions(many, 9, per_image=0, seed=0)["question"] == _sample(many, 9, seed=0)["question"]
-    with pytest.raises(ValueError, match="yes_no_wording_share"):  # a chosen yes/no mix needs a count
-        _sample_questions(many, None, per_image=0, seed=0, wording_share=0.65)
-
-
 def test_the_demo_says_how_long_the_default_run_takes_on_this_cpu_kind(fake_cpu):
     from smolvlm_qformer.demo import DEFAULT_RUN_MINUTES, cpu_eta
 
     fake_cpu(True)
     assert f"about {DEFAULT_RUN_MINUTES['bf16']} minutes" in cpu_eta() and "AVX512" in cpu_eta()
-    for slow_bf16 in ({"capability": "AVX2"}, {"bf16_speedup": 0.56}):
+    for slow_bf16 in ({"capability": "AVX2"}, {"vendor": "GenuineIntel"}):  # emulated; AVX512-BF16 without AMX
         fake_cpu(True, **slow_bf16)
         assert f"about {DEFAULT_RUN_MINUTES['float32']} minutes" in cpu_eta() and "float32" in cpu_eta()
 
 
 def test_yes_no_metrics_score_the_model_against_answering_from_the_wording():
-    from smolvlm_qformer.demo import _yes_no_metrics
-
     questions = ["is there a red shape?", "is there not a circle?", "is no blue shape present?", "what color is it?"]
     truth = ["yes", "yes", "no", "red"]
-    metrics = _yes_no_metrics(questions, truth, ["Yes.", "no", "no", "blue"])
+    metrics = yes_no_metrics(questions, truth, ["Yes.", "no", "no", "blue"])
     assert metrics == {"yes_no_accuracy": 2 / 3, "wording_baseline": 1 / 3, "num_test_yes_no": 3}

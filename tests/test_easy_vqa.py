@@ -5,6 +5,7 @@ import random
 import re
 from collections import Counter
 
+import datasets
 import pytest
 from PIL import Image
 
@@ -12,11 +13,16 @@ from smolvlm_qformer.data import DataArguments, load_image_text_dataset
 from smolvlm_qformer.data.easy_vqa import (
     COLOURS,
     SHAPES,
+    conversations_per_image,
     derive_colour_and_shape,
     easy_vqa_dataset,
+    first_rows,
     is_negated,
     question_indices,
+    sample_questions,
+    sample_rows,
     says_present,
+    stage2_data,
 )
 
 easy_vqa = pytest.importorskip("easy_vqa")
@@ -172,3 +178,68 @@ def test_questions_drawn_stop_short_when_a_cell_runs_out():
     assert _cells([questions[i] for i in chosen], [answers[i] for i in chosen]) == Counter(
         {(False, "yes"): 1, (False, "no"): 2, (True, "yes"): 2, (True, "no"): 1, "open": 1}
     )
+
+
+def rows_about_five_images() -> datasets.Dataset:
+    questions = [f"is there {'not ' * (i % 2)}a red shape?" if i % 3 else "what color is it?" for i in range(60)]
+    answers = [["no", "yes"][i % 2] if i % 3 else "red" for i in range(60)]
+    return datasets.Dataset.from_dict(
+        {"image": [f"{i % 5}.png" for i in range(60)], "question": questions, "answer": answers}
+    )
+
+
+def test_sample_rows_draws_in_order_and_first_rows_takes_the_head():
+    rows = datasets.Dataset.from_dict({"n": list(range(20))})
+    drawn = sample_rows(rows, 5, seed=0)["n"]
+    assert len(set(drawn)) == 5 and drawn == sorted(drawn) and drawn == sample_rows(rows, 5, seed=0)["n"]
+    assert sample_rows(rows, None, seed=0)["n"] == sample_rows(rows, 99, seed=0)["n"] == list(range(20))
+    assert first_rows(rows, 3)["n"] == [0, 1, 2] and len(first_rows(rows, None)) == 20
+
+
+def test_sample_questions_is_question_indices_on_rows():
+    rows = rows_about_five_images()
+    sampled = sample_questions(rows, 9, seed=0, wording_share=0.5, per_image=3)
+    chosen = question_indices(rows["question"], rows["answer"], 9, random.Random(0), 0.5, rows["image"], 3)
+    assert sampled["question"] == rows.select(chosen)["question"]
+    assert set(Counter(sampled["image"]).values()) == {3}
+    independent = sample_questions(rows, 9, seed=0, wording_share=0.5)
+    assert (
+        independent["question"]
+        == rows.select(question_indices(rows["question"], rows["answer"], 9, random.Random(0), 0.5))["question"]
+    )
+    assert len(sample_questions(rows, None, seed=0, wording_share=None)) == 60  # all of them
+    with pytest.raises(ValueError, match="wording share"):  # a drawn count needs the yes/no mix chosen
+        sample_questions(rows, 9, seed=0, wording_share=None)
+
+
+def test_conversation_mode_groups_each_images_caption_and_questions():
+    rows = datasets.Dataset.from_dict(
+        {
+            "image": ["a.png", "b.png", "a.png", "a.png"],
+            "question": ["Colour?", "Shape?", None, "Is it red?"],
+            "answer": ["red", "circle", "a red square", "yes"],
+        }
+    )
+    grouped = conversations_per_image(rows)
+    assert grouped["image"] == ["a.png", "b.png"]
+    first = grouped[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant"] * 3
+    assert [p["type"] for p in first[0]["content"]] == ["image"]  # the caption turn: its instruction is drawn later
+    assert first[1]["content"][0]["text"] == "a red square"
+    assert [m["content"][-1]["text"] for m in first[2::2]] == ["Colour?", "Is it red?"]
+    assert sum(p["type"] == "image" for m in first for p in m["content"]) == 1
+
+
+def test_stage2_data_draws_captions_of_the_images_asked_about():
+    rows = rows_about_five_images()
+    captions = datasets.Dataset.from_dict(
+        {"image": [f"{i}.png" for i in range(5)], "question": [None] * 5, "answer": [f"caption {i}" for i in range(5)]}
+    )
+    rows = datasets.concatenate_datasets([rows, captions])
+    data = stage2_data(rows, 6, 5, seed=0, wording_share=0.5, per_image=3, conversations=True)
+    asked = data.num_questions // 3
+    assert data.num_questions == 3 * asked > 0 and data.majority_answer == "red"  # the first of the commonest
+    assert data.num_captions == len(data.train) == asked  # one conversation per image asked about, each captioned
+    assert all(len(messages) == 2 * 4 for messages in data.train["messages"])  # its caption, then 3 questions
+    flat = stage2_data(rows, 6, 1, seed=0, wording_share=0.5)
+    assert flat.num_captions == 1 and len(flat.train) == flat.num_questions + 1

@@ -6,8 +6,8 @@ loglikelihood). Its answers are `generate_texts`' and its scores equal ours: the
 time with the model's own loss.
 
 Runs with `$SMOLVLM_LMMS_PYTHON`, the interpreter of an environment with lmms-eval and this package (lmms-eval pins
-its own dependencies, so it lives in an environment of its own: README, "Evaluate with lmms-eval"); skipped when it
-is unset.
+its own dependencies, so it lives in an environment of its own: `docs/evaluation.md`, "Evaluating with lmms-eval");
+skipped when it is unset.
 """
 
 import json

@@ -9,6 +9,7 @@ re-checks their sha256. Converting needs transformers 5 (its GGUF loader); the f
 """
 
 from .backbones import (
+    BASE_MODELS,
     LANGUAGE_MODEL,
     QFORMER,
     VISION,
@@ -24,6 +25,7 @@ from .qformer import convert_bert_to_distilbert, verify_bert_distilbert
 from .vision import convert_onnx_dinov2, synthetic_images, verify_onnx_dinov2
 
 __all__ = [
+    "BASE_MODELS",
     "CACHE_ENV_VAR",
     "LANGUAGE_MODEL",
     "QFORMER",

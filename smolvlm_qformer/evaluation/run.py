@@ -36,6 +36,7 @@ from ..data import (
     split_train_eval,
 )
 from ..data.collators import cut_to_tokens
+from ..hardware import inference_dtype, resolve_bf16
 from ..inference import generate_texts, load_for_inference
 from .baselines import (
     exact_match_accuracy,
@@ -70,6 +71,9 @@ class EvaluateArguments:
     batch_size: int = 32
     max_new_tokens: int = 30
     device: str = "cpu"
+    bf16: str = field(default="auto", metadata={"choices": ["auto", "true", "false"]})
+    """Stage 2: run the model in bfloat16: auto (where the device runs it natively, `hardware.resolve_bf16`), true or
+    false; what was decided is recorded as `bf16` in the results."""
     system_prompt: str | None = None
     """Stage 2: the system prompt of every generation (default: the chat template's own)."""
     itm_top_k: int | None = None
@@ -178,7 +182,7 @@ def evaluate_generation(
 ) -> dict[str, Any]:
     """Stage 2: a caption per image and an answer per distinct question generated and scored, with the counts of
     what was scored."""
-    model, processor = load_for_inference(folder, args.device)
+    model, processor = load_for_inference(folder, args.device, inference_dtype(args.bf16, args.device))
     items = [(key, None) for key in grouped.captions] + [
         (key, cut_to_tokens(processor.tokenizer, q, data_args.max_question_tokens) if q else q)
         for key, q in grouped.answers
@@ -403,6 +407,7 @@ def evaluate_model(args: EvaluateArguments, data_args: DataArguments) -> dict[st
         raise ValueError(f"{split} has no rows to evaluate")
     logger.info("evaluating %s on %s: %d rows, %d images", args.model, split, grouped.num_rows, len(grouped.images))
     retrieval = architecture == RETRIEVAL_ARCHITECTURE
+    args.bf16 = not retrieval and resolve_bf16(args.bf16, args.device)  # decided once; retrieval runs in float32
     evaluate = evaluate_retrieval_split if retrieval else evaluate_generation
     figures = evaluate(args.model, grouped, args, data_args)
     if figures["skipped_images"]:
@@ -412,6 +417,7 @@ def evaluate_model(args: EvaluateArguments, data_args: DataArguments) -> dict[st
         "task": "retrieval" if retrieval else "generation",
         "split": split,
         "num_rows": grouped.num_rows,
+        "bf16": args.bf16,
         **figures,
     }
     if args.baselines:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..configuration_smolvlm_qformer import DEFAULT_BACKBONES
-from ..hardware import bf16_is_fast
+from ..hardware import BF16_CHOICES, resolve_bf16
 
 # transformers 5.24 renamed `gradient_checkpointing_kwargs` (a deprecated alias until v6) to this
 CHECKPOINTING_KWARGS = next(
@@ -54,14 +54,14 @@ class ModelArguments:
     train_qformer: bool = False
     """Stage 2 also trains the Q-Former's query path (BLIP-2's recipe). Off by default: at the stage-2 learning rate
     its outputs could collapse to one soft prompt, the same for every image, after which the LM never learned to
-    read the image (docs/experiments); stage 1 has aligned it already."""
+    read the image (`docs/experiments/demo.md`); stage 1 has aligned it already."""
     frozen_lm_dtype: str | None = None
     """Stage 2: hold the frozen LM weights in this dtype ("bfloat16", "float32", or "auto": bfloat16 where the device
     runs it natively and faster, see `hardware.bf16_is_fast`); LoRA and the saved, merged model stay float32.
     Default: as loaded (float32)."""
     lm_attn_implementation: str | None = None
     """Stage 2: the LM's attention implementation ("sdpa", "eager", ...). Default: the LM's own. On CPU, "eager"
-    trains faster than SDPA's CPU kernels on short (~40-token) sequences (README, "Precision")."""
+    trains faster than SDPA's CPU kernels on short (~40-token) sequences (`docs/training.md`, "Precision")."""
 
 
 @dataclass
@@ -70,7 +70,8 @@ class SmolVLMTrainingArguments(TrainingArguments):
 
     Stage 1: pretrained DistilBERT weights train at `learning_rate`; queries, cross-attention, projections, heads
     and temperature at `new_parts_learning_rate`. Stage 2: the Q-Former at `learning_rate`; the MLP adapter and
-    LoRA at `new_parts_learning_rate`. `bf16` defaults to whatever is faster on the training device.
+    LoRA at `new_parts_learning_rate`. `bf16` is "auto" (decided from the training device's hardware,
+    `hardware.resolve_bf16`), "true" or "false", and a bool once parsed.
     Activation checkpointing defaults to torch's non-reentrant kind (5.x's default) on every release: 4.x's reentrant
     default needs inputs that require gradients and warns on each frozen vision-encoder layer.
     """
@@ -78,11 +79,13 @@ class SmolVLMTrainingArguments(TrainingArguments):
     new_parts_learning_rate: float | None = field(
         default=None, metadata={"help": "learning rate of the newly initialised parts (default: 5 x learning_rate)"}
     )
-    bf16: bool | None = field(
-        default=None,
+    bf16: str = field(
+        default="auto",
         metadata={
-            "help": "bf16 mixed precision (default: on CUDA GPUs with bf16; with --use_cpu, on AVX512-BF16/AMX CPUs "
-            "where a bf16 matmul is timed faster than float32)"
+            "help": "bf16 mixed precision: auto (on where the hardware runs bf16 natively and faster: CUDA GPUs with "
+            "bf16; with --use_cpu, CPUs with AMX or AMD's AVX512-BF16; see smolvlm_qformer.hardware), true or false. "
+            "The choice is logged and recorded as train_bf16 in all_results.json",
+            "choices": list(BF16_CHOICES),
         },
     )
     remove_unused_columns: bool = field(
@@ -97,8 +100,8 @@ class SmolVLMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if self.bf16 is None:  # transformers allows bf16 on a CPU only with use_cpu
-            self.bf16 = bf16_is_fast("cpu" if self.use_cpu else "cuda")
+        # "auto" decided for the training device (transformers allows bf16 on a CPU only with use_cpu)
+        self.bf16 = resolve_bf16(self.bf16, "cpu" if self.use_cpu else "cuda")
         if getattr(self, CHECKPOINTING_KWARGS) is None:
             setattr(self, CHECKPOINTING_KWARGS, {"use_reentrant": False})
         super().__post_init__()
@@ -112,7 +115,7 @@ def _default(value, help: str):
 class QFormerTrainingArguments(SmolVLMTrainingArguments):
     """Stage 1's defaults (`train-qformer`), for hundreds to tens of thousands of image-text pairs: a warmed-up
     cosine schedule, batches of 16 (ITC's negatives), and at least 150 steps, so that a few hundred photos are seen
-    about ten times while a large set trains `num_train_epochs` (docs: "Training on your own photos")."""
+    about ten times while a large set trains `num_train_epochs` (docs/training.md, "Training on your own photos")."""
 
     learning_rate: float = _default(1e-4, "DistilBERT's weights; the new parts train at 5x")
     lr_scheduler_type: str = _default("cosine", "TrainingArguments' lr_scheduler_type")
@@ -125,7 +128,7 @@ class QFormerTrainingArguments(SmolVLMTrainingArguments):
 class VLMTrainingArguments(SmolVLMTrainingArguments):
     """Stage 2's defaults (`train-vlm`): the adapter and LoRA at 1e-3 (5 x `learning_rate`) on a warmed-up cosine
     schedule, and at least 240 steps, so that a few hundred photos are seen about eight times while a large set
-    trains `num_train_epochs` (docs: "Training on your own photos")."""
+    trains `num_train_epochs` (docs/training.md, "Training on your own photos")."""
 
     learning_rate: float = _default(2e-4, "the Q-Former's (with --train_qformer); the adapter and LoRA train at 5x")
     lr_scheduler_type: str = _default("cosine", "TrainingArguments' lr_scheduler_type")

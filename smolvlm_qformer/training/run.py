@@ -53,7 +53,7 @@ def build_stage1(model_args: ModelArguments) -> tuple[SmolVLMQFormerForImageText
         vision=model_args.vision_model,
         qformer=model_args.qformer_model,
         qformer_config=qformer_config,
-        image_token_id=processor.image_token_id,
+        processor=processor,
     )
     return model, processor
 
@@ -173,6 +173,7 @@ def _train(trainer, training_args: SmolVLMTrainingArguments) -> dict[str, float]
         "train_skipped_samples": trainer.skipped_samples,
         "train_dropped_turns": trainer.dropped_turns,
         "train_empty_text_rows": getattr(trainer.train_dataset, "empty_text_rows", 0),
+        "train_bf16": training_args.bf16,  # what `--bf16` (auto by default) decided
     }
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
