@@ -461,4 +461,4 @@ def test_each_command_parses_its_stage_defaults(tmp_path):
     stage1 = parse_arguments((QFormerTrainingArguments,), out)[0]
     stage2 = parse_arguments((VLMTrainingArguments,), [*out, "--learning_rate", "3e-4"])[0]
     assert (stage1.learning_rate, stage1.per_device_train_batch_size, stage1.min_steps) == (1e-4, 16, 150)
-    assert (stage2.learning_rate, stage2.min_steps, stage2.lr_scheduler_type) == (3e-4, 240, "cosine")
+    assert (stage2.learning_rate, stage2.min_steps, stage2.warmup_steps) == (3e-4, 240, 10)

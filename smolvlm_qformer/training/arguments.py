@@ -113,12 +113,11 @@ def _default(value, help: str):
 
 @dataclass
 class QFormerTrainingArguments(SmolVLMTrainingArguments):
-    """Stage 1's defaults (`train-qformer`), for hundreds to tens of thousands of image-text pairs: a warmed-up
-    cosine schedule, batches of 16 (ITC's negatives), and at least 150 steps, so that a few hundred photos are seen
+    """Stage 1's defaults (`train-qformer`), for hundreds to tens of thousands of image-text pairs: 10 warm-up
+    steps, batches of 16 (ITC's negatives), and at least 150 steps, so that a few hundred photos are seen
     about ten times while a large set trains `num_train_epochs` (docs/training.md, "Training on your own photos")."""
 
     learning_rate: float = _default(1e-4, "DistilBERT's weights; the new parts train at 5x")
-    lr_scheduler_type: str = _default("cosine", "TrainingArguments' lr_scheduler_type")
     warmup_steps: int = _default(10, "learning-rate warm-up steps")
     per_device_train_batch_size: int = _default(16, "image-text pairs a step (the contrastive loss's batch)")
     min_steps: int = _default(150, "train at least this many steps (more epochs on a small dataset)")
@@ -126,11 +125,10 @@ class QFormerTrainingArguments(SmolVLMTrainingArguments):
 
 @dataclass
 class VLMTrainingArguments(SmolVLMTrainingArguments):
-    """Stage 2's defaults (`train-vlm`): the adapter and LoRA at 1e-3 (5 x `learning_rate`) on a warmed-up cosine
-    schedule, and at least 240 steps, so that a few hundred photos are seen about eight times while a large set
+    """Stage 2's defaults (`train-vlm`): the adapter and LoRA at 1e-3 (5 x `learning_rate`) after 10 warm-up steps,
+    and at least 240 steps, so that a few hundred photos are seen about eight times while a large set
     trains `num_train_epochs` (docs/training.md, "Training on your own photos")."""
 
     learning_rate: float = _default(2e-4, "the Q-Former's (with --train_qformer); the adapter and LoRA train at 5x")
-    lr_scheduler_type: str = _default("cosine", "TrainingArguments' lr_scheduler_type")
     warmup_steps: int = _default(10, "learning-rate warm-up steps")
     min_steps: int = _default(240, "train at least this many steps (more epochs on a small dataset)")
