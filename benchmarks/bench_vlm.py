@@ -50,7 +50,7 @@ LEVER_MODELS = {"LoRA dropout 0": {"lora_dropout": 0.0}, "eager attention": {"at
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(__doc__.splitlines()[0], argv)
     batch = 2 if args.tiny else 4 if args.quick else 8
-    steps = 3 if args.quick else 5
+    steps = 2 if args.quick else 5
     text_tokens = 48
     torch.manual_seed(0)
     config = reference_config(args.tiny)

@@ -53,7 +53,7 @@ def test_bench_qformer(tmp_path):
 
 
 def test_bench_vlm(tmp_path):
-    figures, stdout = run_script("bench_vlm", tmp_path, "--bf16", "on", "--compile", "off")
+    figures, stdout = run_script("bench_vlm", tmp_path, "--bf16", "on", "--compile", "off", "--threads", "1")
     assert "bare LM + LoRA, fp32" in stdout and "bare LM + LoRA, bf16" in stdout
     # each lever against the default, in both precisions, on the same batch: the same linear layers (the flash
     # kernel's backward recomputes the attention scores, eager attention's does not)
@@ -92,10 +92,8 @@ def test_bench_demo_stage2(tmp_path):
     assert attention_lora["lm_positions_per_step"] == per_image["lm_positions_per_step"]
     for figure in (rows, per_image):
         assert figure["epoch_s"] == pytest.approx(figure["steps_per_epoch"] * figure["s_per_step"])
-    # SDPA instead of eager attention: the default's batches, the same linear layers
-    sdpa = figures["the default, SDPA attention"]
-    assert sdpa["lm_positions_per_step"] == per_image["lm_positions_per_step"]
-    assert sdpa["gflops_per_step"] == pytest.approx(per_image["gflops_per_step"], rel=0.05)
+    # SDPA instead of eager attention: the default's batches
+    assert figures["the default, SDPA attention"]["lm_positions_per_step"] == per_image["lm_positions_per_step"]
     assert 0 < per_image["utilisation"] < 5
     assert "ms/answer" in stdout
 
