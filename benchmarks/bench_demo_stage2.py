@@ -7,18 +7,34 @@ as if asked alone, 5 images of 3 questions a step (the demo's default), against 
 demo's collator builds inside the timed step, as Trainer does, with the frozen LM in the dtype the demo picks for this
 machine. Interleaved in one process, so that a change of machine load hits every contender alike.
 
-    python benchmarks/bench_demo_stage2.py [--quick] [--json out.json]
+The levers on the default's batches (the same batches, in the same order): the LM's SDPA attention instead of the
+eager attention the demo picks on a CPU, and (with `--compile on`) the default's model with its LM's decoder layers
+compiled (`compile_decoder_layers`); its compilation is in the warm-up column. FLOPs as `bench_vlm.py` counts them,
+against the matmul peak measured in the same run.
+
+    python benchmarks/bench_demo_stage2.py [--quick] [--threads N] [--compile on|off] [--json out.json]
 """
 
 from __future__ import annotations
 
 import itertools
+import statistics
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from common import interleaved_medians, parse_args, print_table, training_step, write_json
+from common import (
+    compile_decoder_layers,
+    interleaved_seconds,
+    matmul_peak,
+    parse_args,
+    print_table,
+    spread,
+    step_flops,
+    training_step,
+    write_json,
+)
 from torch.utils.data import DataLoader
 
 from smolvlm_qformer.assets import AssetPaths, fetch_assets
@@ -33,7 +49,10 @@ CONTENDERS = {  # the demo's flags, and what each changes in its stage-2 recipe
     "conversations, 5 images x 3 questions (default)": ({}, {}),
     "conversations, 6 images, 1-9 questions": ({"questions_per_image": 0, "stage2_batch_size": 6}, {}),
     "the default, LoRA on attention only": ({}, {"lora_target_modules": "attention"}),
+    "the default, SDPA attention": ({}, {"lm_attn_implementation": "sdpa"}),
 }
+DEFAULT = "conversations, 5 images x 3 questions (default)"
+COMPILED = "the default, compiled"
 
 
 def exchanges(labels: torch.Tensor) -> int:
@@ -48,7 +67,8 @@ def batches(dataset: IndexedDataset, batch_size: int, collate: Callable) -> Iter
         dataset, batch_size, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(0)
     )
     for batch in itertools.chain.from_iterable(itertools.repeat(loader)):
-        yield {key: value for key, value in batch.items() if not key.startswith("num_")}
+        # no KV cache, as `VLMTrainer` trains
+        yield {key: value for key, value in batch.items() if not key.startswith("num_")} | {"use_cache": False}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -76,16 +96,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         )
         del stage1
 
-        contenders, shapes, epochs = {}, {}, {}
+        contenders, shapes, epochs, flops = {}, {}, {}, {}
         stage2_models = {}  # one per distinct model arguments: most contenders differ only in their data
-        for name, (flags, recipe) in CONTENDERS.items():
+        compiled = {COMPILED: CONTENDERS[DEFAULT]} if args.compile == "on" else {}
+        for name, (flags, recipe) in {**CONTENDERS, **compiled}.items():
             demo_args = DemoArguments(**settings, **flags)
             stage2_args, data_args, training_args = stage_arguments(
                 stage_settings(demo_args, backbones, scratch)["stage2"] | recipe | {"stage1_model": None}  # fresh
             )
-            if repr(stage2_args) not in stage2_models:
-                stage2_models[repr(stage2_args)] = build_stage2(stage2_args)
-            vlm, processor = stage2_models[repr(stage2_args)]
+            if name == COMPILED:  # a model of its own: compiling its layers changes them in place
+                vlm, processor = build_stage2(stage2_args)
+                compile_decoder_layers(vlm)
+            else:
+                if repr(stage2_args) not in stage2_models:
+                    stage2_models[repr(stage2_args)] = build_stage2(stage2_args)
+                vlm, processor = stage2_models[repr(stage2_args)]
             data = stage2_data(
                 rows_of_images(data_args, "train", set(images["image"])),
                 demo_args.train_questions,
@@ -107,24 +132,49 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
             contenders[name] = training_step(vlm, next_batch)
             epochs[name] = -(-len(data.train) // batch_size)
-        seconds = interleaved_medians(contenders, steps)
+            # one step's FLOPs, on a batch that the timed steps then do not see (a compiled step: its model's)
+            flops[name] = flops[DEFAULT] if name == COMPILED else step_flops(contenders[name])
+        lm_dtype = vlm.get_base_model().model.language_model.dtype
+        peak = matmul_peak(lm_dtype)
+        warmup, runs = interleaved_seconds(contenders, steps)
 
     figures = {}
-    for name, step_seconds in seconds.items():
+    for name, values in runs.items():
+        step_seconds = statistics.median(values)
         answers, positions = (sum(column) / len(shapes[name]) for column in zip(*shapes[name], strict=True))
         figures[name] = {
             "s_per_step": step_seconds,
+            "spread": spread(values),
+            "warmup_s": warmup[name],
             "answers_per_step": answers,
             "lm_positions_per_step": positions,
             "ms_per_answer": 1000 * step_seconds / answers,
             "steps_per_epoch": epochs[name],
             "epoch_s": epochs[name] * step_seconds,
+            "gflops_per_step": flops[name] / 1e9,
+            "utilisation": flops[name] / step_seconds / peak,
         }
     print_table(
-        f"The demo's stage-2 step by batching (median of {steps} steps; epoch: this draw's steps x the median)",
-        ["batches", "s/step", "answers/step", "LM positions/step", "ms/answer", "steps/epoch", "epoch s"],
+        f"The demo's stage-2 step by batching, and levers on the default's batches (median of {steps} interleaved "
+        "steps; epoch: this draw's steps x the median)",
+        [
+            "contender",
+            "s/step",
+            "spread",
+            "warm-up s",
+            "answers/step",
+            "LM positions/step",
+            "ms/answer",
+            "steps/epoch",
+            "epoch s",
+            "GFLOP/step",
+            "of matmul peak",
+        ],
         [[name, *f.values()] for name, f in figures.items()],
-        [f"frozen LM: {vlm.get_base_model().model.language_model.dtype}; {steps} steps each, after one untimed"],
+        [
+            f"frozen LM: {lm_dtype}; torch threads: {torch.get_num_threads()}; "
+            f"matmul peak {peak / 1e9:.0f} GFLOP/s; spread: the fastest and slowest step over the median",
+        ],
     )
     write_json(args.json, figures)
     return figures

@@ -56,9 +56,24 @@ def parse_args(
         help="also time bf16 contenders: auto = where the device runs bf16 natively (on an AVX2-only CPU it is "
         "emulated, ~60x slower than fp32)",
     )
+    parser.add_argument(
+        "--compile",
+        choices=["on", "off"],
+        default="on",
+        help="also time torch.compile contenders (inductor), where a script has some; their warm-up is reported apart",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch's CPU threads (default: torch's own). On cores shared with other jobs, 1 keeps a step from "
+        "waiting on a thread the scheduler has parked",
+    )
     if more is not None:
         more(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def precisions(args: argparse.Namespace, device: torch.device | str = "cpu") -> list[str]:
@@ -81,23 +96,39 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(
+def interleaved_seconds(
     contenders: dict[str, Callable[[], object]], steps: int, warmup: int = 1, device: torch.device | str = "cpu"
-) -> dict[str, float]:
-    """Median seconds per call of each contender: `warmup` untimed rounds, then `steps` rounds that call every
-    contender once, in turn, so that a change of machine load affects them all alike."""
-    for _ in range(warmup):
-        for step in contenders.values():
-            step()
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each contender's seconds: the total of `warmup` rounds (a compiled contender compiles there), then each of
+    `steps` rounds that call every contender once, in turn, so that a change of machine load affects them all
+    alike."""
+    warmup_seconds = dict.fromkeys(contenders, 0.0)
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(steps):
+    for round_index in range(warmup + steps):
         for name, step in contenders.items():
             synchronize(device)
             start = time.perf_counter()
             step()
             synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
+            if round_index < warmup:
+                warmup_seconds[name] += time.perf_counter() - start
+            else:
+                seconds[name].append(time.perf_counter() - start)
+    return warmup_seconds, seconds
+
+
+def interleaved_medians(
+    contenders: dict[str, Callable[[], object]], steps: int, warmup: int = 1, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Median seconds per call of each contender (`interleaved_seconds`)."""
+    _, seconds = interleaved_seconds(contenders, steps, warmup, device)
     return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def spread(values: list[float]) -> str:
+    """The range of `values` as a ratio of their median, e.g. "0.91-1.32x": how far one run can stray."""
+    median = statistics.median(values)
+    return f"{min(values) / median:.2f}-{max(values) / median:.2f}x"
 
 
 def print_table(title: str, header: list[str], rows: list[list[Any]], notes: list[str] = ()) -> None:
@@ -140,23 +171,30 @@ def reference_config(tiny: bool = False) -> SmolVLMQFormerConfig:
     return tiny_config(tiny_processor()) if tiny else SmolVLMQFormerConfig()
 
 
-def stage2_model(config: SmolVLMQFormerConfig) -> PeftModel:
+def stage2_model(
+    config: SmolVLMQFormerConfig, lora_dropout: float | None = None, attn_implementation: str | None = None
+) -> PeftModel:
     """The stage-2 model wrapped for LoRA as `training.run.build_stage2` wraps it (r=64 on q/k/v/o by default; the
-    Q-Former's query path and the adapter train in full)."""
+    Q-Former's query path and the adapter train in full); `lora_dropout` and the LM's `attn_implementation` default
+    to `ModelArguments`' and the LM's own."""
     model = SmolVLMQFormerForConditionalGeneration(config)
-    return get_peft_model(model, lora_config(model.lora_target_modules()))
+    if attn_implementation is not None:
+        model.model.language_model.set_attn_implementation(attn_implementation)
+    return get_peft_model(model, lora_config(model.lora_target_modules(), lora_dropout=lora_dropout))
 
 
 def lora_config(
     target_modules: str | list[str],
     modules_to_save: list[str] | None = tuple(SmolVLMQFormerForConditionalGeneration.trained_modules),
+    lora_dropout: float | None = None,
 ):
-    """`build_stage2`'s LoRA settings (the `ModelArguments` defaults) for the given target modules."""
+    """`build_stage2`'s LoRA settings (the `ModelArguments` defaults, or `lora_dropout`) for the given target
+    modules."""
     defaults = ModelArguments()
     return LoraConfig(
         r=defaults.lora_r,
         lora_alpha=defaults.lora_alpha,
-        lora_dropout=defaults.lora_dropout,
+        lora_dropout=defaults.lora_dropout if lora_dropout is None else lora_dropout,
         target_modules=target_modules,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
     )
@@ -183,7 +221,7 @@ def stage2_batch(
     """A chat-like stage-2 batch: `num_query_tokens` image placeholders (when `image`) then `text_tokens` text
     tokens, loss on the last third; with `image`, (B, N, Dv) float16 image features as a feature cache gives them.
     Without `image` (a bare LM's batch), the LM computes logits only where a label scores them, as the VLM does in
-    training (`scored_positions`), so that both do the same LM work."""
+    training (`scored_positions`), so that both do the same LM work. No KV cache is built, as `VLMTrainer` trains."""
     text_ids = torch.randint(3, config.text_config.vocab_size, (batch, text_tokens), device=device)
     labels = text_ids.masked_fill(torch.arange(text_tokens, device=device) < text_tokens * 2 // 3, -100)
     if not image:
@@ -194,6 +232,7 @@ def stage2_batch(
             "labels": labels,
             "logits_to_keep": scored[0].nonzero().squeeze(-1),
             "shift_labels": shift_labels.view(batch, -1),
+            "use_cache": False,
         }
     image_ids = torch.full((batch, config.num_query_tokens), config.image_token_id, device=device)
     input_ids = torch.cat([image_ids, text_ids], dim=1)
@@ -202,6 +241,7 @@ def stage2_batch(
         "attention_mask": torch.ones_like(input_ids),
         "labels": torch.cat([torch.full_like(image_ids, -100), labels], dim=1),
         "vision_hidden_states": cached_image_features(config, batch, device),
+        "use_cache": False,
     }
 
 
@@ -210,6 +250,14 @@ def cached_image_features(config: SmolVLMQFormerConfig, batch: int, device: torc
     vision = config.vision_config
     tokens = (vision.image_size // vision.patch_size) ** 2 + 1
     return torch.randn(batch, tokens, vision.hidden_size, device=device, dtype=torch.float16)
+
+
+def compile_decoder_layers(model: nn.Module) -> nn.Module:
+    """`model` with its LM's decoder layers compiled in place (inductor): regional compilation, the layers sharing
+    one graph (no KV cache, so no per-layer guard), which compiles in a fraction of the whole model's time."""
+    for layer in model.get_decoder().layers:
+        layer.compile()
+    return model
 
 
 def training_step(

@@ -17,16 +17,34 @@ from .data.images import decode_or_skip
 from .hardware import fast_dtype
 
 
-def load_for_inference(folder: str, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+def load_for_inference(
+    folder: str, device: str = "cpu", dtype: torch.dtype | None = None, compile: bool = False
+) -> tuple[Any, Any]:
     """(model, processor) of a saved stage-2 folder through the Auto classes, as anyone would load it, in eval mode
-    on `device`; `dtype` defaults to bf16 where the device runs it natively (`hardware.fast_dtype`)."""
+    on `device`; `dtype` defaults to bf16 where the device runs it natively (`hardware.fast_dtype`).
+
+    With `compile`, generation is compiled (`compile_generation`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(
         folder, trust_remote_code=True, use_safetensors=True, dtype=dtype or fast_dtype(device)
     )
+    if compile:
+        compile_generation(model)
     return model.to(device).eval(), processor
+
+
+def compile_generation(model: Any) -> None:
+    """Makes `model.generate` decode with a static KV cache through a `torch.compile`d forward (transformers' own
+    automatic compilation, asked for on every device, CPUs included): the same greedy tokens. The first calls
+    compile (minutes on a 2-core CPU), so it pays off only over many calls, e.g. a server (docs/benchmarks.md)."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told to
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = compile_config
 
 
 def check_context(model: Any, prompt_length: int, max_new_tokens: int) -> None:

@@ -53,8 +53,16 @@ def test_bench_qformer(tmp_path):
 
 
 def test_bench_vlm(tmp_path):
-    figures, stdout = run_script("bench_vlm", tmp_path, "--bf16", "on")
+    figures, stdout = run_script("bench_vlm", tmp_path, "--bf16", "on", "--compile", "off", "--threads", "1")
     assert "bare LM + LoRA, fp32" in stdout and "bare LM + LoRA, bf16" in stdout
+    # each lever against the default, in both precisions, on the same batch: the same linear layers (the flash
+    # kernel's backward recomputes the attention scores, eager attention's does not)
+    levers = {f"VLM, {p}, {lever}" for p in ("fp32", "bf16") for lever in ("LoRA dropout 0", "eager attention")}
+    assert set(figures["levers"]) == levers
+    for name in levers:
+        default = figures["gflops_per_step"][name.rsplit(", ", 1)[0]]
+        assert figures["levers"][name]["speedup"] > 0
+        assert figures["gflops_per_step"][name] == pytest.approx(default, rel=0.05)
     assert 0 < figures["utilisation_of_bf16_peak"] < 5
     assert 0 < figures["utilisation_of_fp32_peak"] < 5
     assert figures["overhead_vs_bare_lm"] > -1
@@ -63,7 +71,7 @@ def test_bench_vlm(tmp_path):
 
 
 def test_bench_generate(tmp_path):
-    figures, stdout = run_script("bench_generate", tmp_path)
+    figures, stdout = run_script("bench_generate", tmp_path, "--compile", "off")
     assert figures["caption_latency_s"] > 0 and figures["new_tokens"] == 30
     # bf16 is timed only where the CPU runs it natively (on AVX2 it would be emulated, ~60x slower)
     assert set(figures["images_per_s"]) == ({"fp32", "bf16"} if figures["cpu"]["bf16_is_fast"] else {"fp32"})
@@ -72,7 +80,7 @@ def test_bench_generate(tmp_path):
 
 def test_bench_demo_stage2(tmp_path):
     pytest.importorskip("easy_vqa")
-    figures, stdout = run_script("bench_demo_stage2", tmp_path)
+    figures, stdout = run_script("bench_demo_stage2", tmp_path, "--compile", "off")
     rows = figures["rows, 16 a step"]
     per_image = figures["conversations, 5 images x 3 questions (default)"]
     assert rows["answers_per_step"] == 16  # one answer a row
@@ -84,7 +92,18 @@ def test_bench_demo_stage2(tmp_path):
     assert attention_lora["lm_positions_per_step"] == per_image["lm_positions_per_step"]
     for figure in (rows, per_image):
         assert figure["epoch_s"] == pytest.approx(figure["steps_per_epoch"] * figure["s_per_step"])
+    # SDPA instead of eager attention: the default's batches
+    assert figures["the default, SDPA attention"]["lm_positions_per_step"] == per_image["lm_positions_per_step"]
+    assert 0 < per_image["utilisation"] < 5
     assert "ms/answer" in stdout
+
+
+@pytest.mark.compile
+def test_bench_vlm_times_the_compiled_step(tmp_path):
+    figures, stdout = run_script("bench_vlm", tmp_path, "--bf16", "off")
+    compiled = figures["levers"]["VLM, fp32, compiled"]
+    assert compiled["speedup"] > 0 and compiled["warmup_s"] > 0
+    assert "VLM, fp32, compiled" in stdout
 
 
 def test_benchmarks_time_bf16_only_where_the_hardware_runs_it(fake_cpu):

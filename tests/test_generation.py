@@ -273,3 +273,18 @@ def test_the_text_only_decode_path_exports(model, processor):
     input_ids = processor.tokenizer(["What shape is it?"], return_tensors="pt").input_ids
     exported = torch.export.export(Decode(model), (input_ids,))
     torch.testing.assert_close(exported.module()(input_ids), model(input_ids=input_ids, use_cache=False).logits)
+
+
+@pytest.mark.compile
+def test_compiled_generation_gives_the_eager_greedy_tokens(folder, processor, images):
+    """`load_for_inference(compile=True)`: static KV cache and compiled decoding, the same tokens, batched and
+    left-padded."""
+    from smolvlm_qformer.inference import encode_prompts, load_for_inference
+
+    eager, _ = load_for_inference(str(folder))
+    compiled, _ = load_for_inference(str(folder), compile=True)
+    prompts = [processor.build_prompt(question) for question in QUESTIONS]
+    inputs = encode_prompts(eager, processor, prompts, images[:2], max_new_tokens=8)
+    assert not inputs["attention_mask"].all()  # the shorter prompt is left-padded
+    kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
+    torch.testing.assert_close(compiled.generate(**inputs, **kwargs), eager.generate(**inputs, **kwargs))

@@ -300,6 +300,34 @@ def test_training_from_the_feature_cache_gives_the_same_losses(backbones, shapes
     assert from_cache == pytest.approx(from_images, rel=1e-3, abs=1e-3)
 
 
+@pytest.mark.compile
+def test_compiled_stage2_training_from_the_feature_cache_gives_the_eager_losses(
+    backbones, shapes, tmp_path, monkeypatch
+):
+    """Trainer's own `--torch_compile` on stage 2 (the PeftModel, VLMTrainer, cached features): the eager losses."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # dropout draws eager's random numbers
+    model, processor = build_stage1(_model_args(backbones))
+    train, _ = split_train_eval(_vqa_data(shapes), seed=42)
+    cache = build_feature_cache(model.vision_model, processor.image_processor, train, tmp_path / "cache")
+
+    def losses(output_dir, **kwargs):
+        torch.manual_seed(0)
+        model, processor = build_stage2(_model_args(backbones, lora_r=4, lora_alpha=8))
+        trainer = VLMTrainer(
+            model=model,
+            args=_training_args(output_dir, max_steps=3, **kwargs),
+            train_dataset=IndexedDataset(train.dataset, cache),
+            data_collator=ChatCollator(processor),
+        )
+        trainer.train()
+        return list(_losses(trainer).values())
+
+    eager = losses(tmp_path / "eager")
+    compiled = losses(tmp_path / "compiled", torch_compile=True)
+    assert len(compiled) == 3
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
 def test_a_rebuild_keeps_finished_shards(backbones, shapes, tmp_path):
     model, processor = build_stage1(_model_args(backbones))
     train, _ = split_train_eval(_caption_data(shapes), seed=42)

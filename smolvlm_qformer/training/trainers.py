@@ -186,3 +186,10 @@ class VLMTrainer(_SmolVLMTrainer):
         super().__init__(*args, **kwargs)
         # our collator never labels an image placeholder: the token count over the accumulated batches is exact
         self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The LM loss, without building a KV cache: nothing reads it, and under `--torch_compile` each layer's
+        cache update would be a compiled graph of its own."""
+        return super().compute_loss(
+            model, {**inputs, "use_cache": False}, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
