@@ -371,15 +371,14 @@ def same_texts(
     against every rank's texts, in `gather_across_ranks` order."""
     if attention_mask is not None:
         input_ids = input_ids.masked_fill(attention_mask == 0, -1)
-    if not across_ranks:
-        return (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    others = input_ids
+    if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
         # ranks pad their batches to different lengths: compare at the longest (ids are never -1, so -1 pads)
         length = torch.tensor([input_ids.shape[1]], device=input_ids.device)
         torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
         input_ids = F.pad(input_ids, (0, int(length) - input_ids.shape[1]), value=-1)
-    all_input_ids = gather_across_ranks(input_ids)[0]
-    return (input_ids[:, None, :] == all_input_ids[None, :, :]).all(dim=-1)
+        others = gather_across_ranks(input_ids)[0]
+    return (input_ids[:, None, :] == others[None, :, :]).all(dim=-1)
 
 
 def contrastive_loss(
